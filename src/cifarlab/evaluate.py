@@ -1,0 +1,127 @@
+"""Evaluate a checkpoint on a test split: accuracy, per-class accuracy, confusion matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cifarlab.checkpoint import build_model, read_checkpoint
+from cifarlab.config import TrainConfig, config_from_dict, validate_mapping
+from cifarlab.engine import (
+    EpochResult,
+    confusion_matrix,
+    per_class_accuracy,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+    run_epoch,
+)
+from cifarlab.errors import CifarlabError
+
+
+@dataclass
+class LoadedRun:
+    """A checkpoint rebuilt for inference: model on its device plus the data it was trained on."""
+
+    model: nn.Module
+    info: dict[str, Any]
+    cfg: TrainConfig
+    device: torch.device
+    precision: str
+    channels_last: bool
+    dataset: Any
+
+
+def load_for_inference(checkpoint: str, overrides: dict[str, Any] | None = None, load_data: bool = True) -> LoadedRun:
+    """Rebuild model and (optionally) data from a checkpoint; ``overrides`` replace config keys
+    such as data, dataset, limit_test, device, eval_batch_size, tta."""
+    from cifarlab.train import load_data as _load_data
+
+    ckpt = read_checkpoint(checkpoint)
+    stored = {k: v for k, v in ckpt.get("config", {}).items() if v is not None}
+    cfg = config_from_dict({**stored, **validate_mapping(overrides or {}, "command line")})
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    channels_last = resolve_channels_last(cfg.channels_last, device)
+    model = build_model(ckpt).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ds = None
+    if load_data:
+        ds = _load_data(cfg)
+        if list(ds.classes) != list(ckpt["classes"]):
+            raise CifarlabError(
+                f"the data's classes {list(ds.classes)[:5]}... do not match the checkpoint's "
+                f"{list(ckpt['classes'])[:5]}...; pass the --data/--dataset the model was trained on"
+            )
+    info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler", "scaler")}
+    return LoadedRun(model, info, cfg, device, precision, channels_last, ds)
+
+
+def test_loader(run: LoadedRun):
+    """Unshuffled, unaugmented loader over the test split, normalised with the checkpoint's stats."""
+    from cifarlab.data import DeviceLoader
+
+    return DeviceLoader(
+        run.dataset.test,
+        run.cfg.eval_batch_size,
+        device=run.device,
+        mean=tuple(run.info["mean"]),
+        std=tuple(run.info["std"]),
+        shuffle=False,
+        channels_last=run.channels_last,
+    )
+
+
+def predict_split(run: LoadedRun) -> EpochResult:
+    """Logits and targets for the whole test split (with the config's TTA)."""
+    return run_epoch(
+        run.model,
+        test_loader(run),
+        loss_fn=nn.CrossEntropyLoss(),
+        device=run.device,
+        precision=run.precision,
+        tta=run.cfg.tta,
+        collect=True,
+    )
+
+
+def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    """{"accuracy", "per_class": {class: acc}, "confusion": [[...]]} from collected logits."""
+    preds = logits.argmax(1)
+    cm = confusion_matrix(preds, targets, len(classes))
+    per_class = per_class_accuracy(cm)
+    return {
+        "accuracy": (preds == targets).float().mean().item(),
+        "per_class": {c: a for c, a in zip(classes, per_class)},
+        "confusion": cm.tolist(),
+    }
+
+
+def evaluate_checkpoint(checkpoint: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint on its test split; returns the metrics dict plus n and dataset."""
+    run = load_for_inference(checkpoint, overrides)
+    res = predict_split(run)
+    out = metrics_from_logits(res.logits, res.targets, list(run.info["classes"]))
+    out["n"] = res.n
+    out["loss"] = res.loss
+    out["dataset"] = "synthetic" if run.dataset.synthetic else run.dataset.name
+    return out
+
+
+def format_metrics(m: dict[str, Any]) -> str:
+    """Human-readable accuracy, per-class table and confusion matrix."""
+    classes = list(m["per_class"])
+    width = max(8, max(len(c) for c in classes))
+    lines = [f"test accuracy: {m['accuracy']:.2%} on {m['n']} images ({m['dataset']})", "", "per-class accuracy:"]
+    for c, a in m["per_class"].items():
+        lines.append(f"  {c:<{width}} {a:7.2%}")
+    lines += ["", "confusion matrix (rows = true, columns = predicted):"]
+    short = [c[:6] for c in classes]
+    lines.append(" " * (width + 2) + " ".join(f"{s:>6}" for s in short))
+    for c, row in zip(classes, m["confusion"]):
+        lines.append(f"  {c:<{width}}" + " ".join(f"{v:>6d}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Engine pieces: precision choice, optimizer groups, schedulers, TTA, metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cifarlab.engine import (
+    NonFiniteLossError,
+    build_optimizer,
+    build_scheduler,
+    confusion_matrix,
+    per_class_accuracy,
+    predict_logits,
+    resolve_precision,
+    run_epoch,
+)
+from cifarlab.errors import CifarlabError
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_precision_auto_never_picks_slow_bf16_on_cpu(monkeypatch):
+    import cifarlab.engine as engine
+
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(CifarlabError, match="fp16"):
+        resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_bias_group_gets_scaled_lr_and_same_decay_product():
+    opt = build_optimizer(_net(), "sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3, bias_lr_scale=64)
+    w, b = opt.param_groups
+    assert all(p.ndim > 1 for p in w["params"]) and all(p.ndim <= 1 for p in b["params"])
+    assert b["lr"] == pytest.approx(6.4)
+    assert b["lr"] * b["weight_decay"] == pytest.approx(w["lr"] * w["weight_decay"])
+    assert w["nesterov"] is True
+
+
+def test_frozen_params_are_not_optimised():
+    net = _net()
+    net[0].weight.requires_grad_(False)
+    opt = build_optimizer(net, "adamw", lr=1e-3, momentum=0.9, nesterov=False, weight_decay=0.01)
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert id(net[0].weight) not in ids
+
+
+def test_onecycle_is_per_step_and_peaks_at_max_lr():
+    opt = build_optimizer(_net(), "sgd", lr=0.4, momentum=0.9, nesterov=True, weight_decay=0)
+    plan = build_scheduler(opt, "onecycle", total_steps=100, pct_start=0.25, anneal="linear", div_factor=10, final_div_factor=100)
+    assert plan.per_step and not plan.on_metric
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        plan.scheduler.step()
+    assert lrs[0] == pytest.approx(0.04)
+    assert max(lrs) == pytest.approx(0.4, rel=1e-3)
+    assert lrs.index(max(lrs)) in range(23, 27)
+    assert lrs[-1] < 0.01
+
+
+def test_plateau_steps_on_metric():
+    opt = build_optimizer(_net(), "sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0)
+    plan = build_scheduler(opt, "plateau", total_steps=10, plateau_factor=0.5, plateau_patience=0)
+    assert plan.on_metric and not plan.per_step
+    plan.scheduler.step(1.0)
+    plan.scheduler.step(2.0)  # worse → halve
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_flip_tta_is_flip_invariant():
+    net = _net().eval()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        a = predict_logits(net, x, "flip")
+        b = predict_logits(net, x.flip(-1), "flip")
+        c = predict_logits(net, x, "flip-translate")
+    assert torch.allclose(a, b, atol=1e-5)
+    assert c.shape == a.shape
+
+
+def test_run_epoch_trains_and_evaluates():
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 8, 8)
+    y = (x[:, 0].mean((1, 2)) > 0).long()  # learnable: sign of the red channel's mean
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+    net = _net()
+    opt = build_optimizer(net, "adam", lr=0.05, momentum=0.9, nesterov=False, weight_decay=0)
+    loss = nn.CrossEntropyLoss()
+    first = run_epoch(net, batches, loss_fn=loss, device=torch.device("cpu"), optimizer=opt)
+    for _ in range(15):
+        last = run_epoch(net, batches, loss_fn=loss, device=torch.device("cpu"), optimizer=opt)
+    assert first.steps == 4 and len(first.lrs) == 4 and first.n == 64
+    assert last.loss < first.loss
+    ev = run_epoch(net, batches, loss_fn=loss, device=torch.device("cpu"), collect=True)
+    assert not net.training
+    assert ev.logits.shape == (64, 3) and torch.equal(ev.targets, y)
+    assert ev.accuracy == pytest.approx((ev.logits.argmax(1) == y).float().mean().item())
+    assert ev.accuracy > 0.8
+
+
+def test_run_epoch_stops_on_non_finite_loss():
+    net = _net()
+    opt = build_optimizer(net, "sgd", lr=0.1, momentum=0.0, nesterov=False, weight_decay=0)
+    x = torch.randn(8, 3, 8, 8)
+    batches = [(x, torch.zeros(8, dtype=torch.long)), (x * float("nan"), torch.zeros(8, dtype=torch.long))]
+    with pytest.raises(NonFiniteLossError) as info:
+        run_epoch(net, batches, loss_fn=nn.CrossEntropyLoss(), device=torch.device("cpu"), optimizer=opt, step_offset=10)
+    assert info.value.step == 12
+
+
+def test_confusion_and_per_class():
+    preds = torch.tensor([0, 1, 1, 2, 2, 2])
+    targets = torch.tensor([0, 1, 2, 2, 2, 0])
+    cm = confusion_matrix(preds, targets, 3)
+    assert cm.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]
+    assert per_class_accuracy(cm) == pytest.approx([0.5, 1.0, 2 / 3])
