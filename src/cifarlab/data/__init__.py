@@ -1,0 +1,22 @@
+"""Datasets for cifarlab: sources (CIFAR-10, image folders, synthetic), a decode cache,
+batched on-device augmentation and a device-resident, exactly resumable batch loader.
+"""
+
+from .augment import AugmentSpec, augment_batch
+from .cache import default_cache_dir
+from .loader import DeviceLoader
+from .sources import CIFAR10_MEAN, CIFAR10_STD, KINDS, Dataset, Split, channel_stats, load_dataset
+
+__all__ = [
+    "AugmentSpec",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "Dataset",
+    "DeviceLoader",
+    "KINDS",
+    "Split",
+    "augment_batch",
+    "channel_stats",
+    "default_cache_dir",
+    "load_dataset",
+]

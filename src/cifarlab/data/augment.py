@@ -1,0 +1,226 @@
+"""Batched, on-device data augmentation for normalized image batches.
+
+Every sample gets its own random parameters, drawn in a few batched calls from a
+caller-supplied generator that lives on the batch's device. Nothing here loops over
+samples, calls ``.item()`` or otherwise synchronises with the host, so the same code
+is correct and fast on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CifarlabError
+
+# Defaults when an op is named without a value: the standard CIFAR recipe
+# (4 px pad-and-crop, He et al. 2016; 16 px cutout, DeVries & Taylor 2017) and a mild
+# rotation that keeps 32x32 content recognisable.
+DEFAULT_CROP_PAD = 4
+DEFAULT_CUTOUT = 16
+DEFAULT_ROTATE = 5.0
+
+_USAGE = 'use e.g. "crop,flip,cutout", "crop:4,flip,cutout:16,rotate:5" or "none"'
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Which augmentations to apply (all off by default); applied as crop -> flip -> rotate -> cutout.
+
+    Attributes:
+        crop_pad: random 32x32 crop of the image zero-padded by this many pixels per side; 0 = off.
+        flip: horizontal flip with probability 0.5.
+        cutout: side of a zeroed square at a uniformly random centre (it may hang off the
+            image, as in DeVries & Taylor 2017); 0 = off.
+        rotate: rotation by a uniform angle in [-rotate, +rotate] degrees (bilinear, zero fill); 0 = off.
+    """
+
+    crop_pad: int = 0
+    flip: bool = False
+    cutout: int = 0
+    rotate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop_pad, bool) or not isinstance(self.crop_pad, int) or self.crop_pad < 0:
+            raise CifarlabError(f"augment crop padding must be an integer >= 0, got {self.crop_pad!r}")
+        if isinstance(self.cutout, bool) or not isinstance(self.cutout, int) or self.cutout < 0:
+            raise CifarlabError(f"augment cutout size must be an integer >= 0, got {self.cutout!r}")
+        if not isinstance(self.flip, bool):
+            raise CifarlabError(f"augment flip must be true or false, got {self.flip!r}")
+        rotate = self.rotate
+        if isinstance(rotate, bool) or not isinstance(rotate, (int, float)) or not (0.0 <= rotate <= 180.0):
+            raise CifarlabError(f"augment rotation must be a number of degrees in [0, 180], got {rotate!r}")
+        object.__setattr__(self, "rotate", float(rotate))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation is switched on."""
+        return self.crop_pad > 0 or self.flip or self.cutout > 0 or self.rotate > 0
+
+    def __str__(self) -> str:
+        """Canonical text form; ``AugmentSpec.parse(str(spec)) == spec``."""
+        parts = []
+        if self.crop_pad:
+            parts.append(f"crop:{self.crop_pad}")
+        if self.flip:
+            parts.append("flip")
+        if self.rotate:
+            parts.append(f"rotate:{self.rotate:g}")
+        if self.cutout:
+            parts.append(f"cutout:{self.cutout}")
+        return ",".join(parts) or "none"
+
+    @classmethod
+    def parse(cls, text: str) -> "AugmentSpec":
+        """Parse ``"crop,flip,cutout"``, ``"crop:4,flip,cutout:16,rotate:5"`` or ``"none"``.
+
+        Ops may come in any order (they are always applied crop -> flip -> rotate -> cutout);
+        a value of 0 switches an op off. Unknown ops, repeated ops and bad values raise
+        :class:`CifarlabError`.
+        """
+        raw = str(text).strip().lower()
+        if raw in ("", "none"):
+            return cls()
+        fields: dict[str, object] = {}
+        for token in raw.split(","):
+            token = token.strip()
+            name, sep, value = token.partition(":")
+            name, value = name.strip(), value.strip()
+            if sep and not value:
+                raise CifarlabError(f"augment op {token!r} has an empty value; {_USAGE}")
+            if name in fields:
+                raise CifarlabError(f"augment op {name!r} given twice in {text!r}; {_USAGE}")
+            if name == "crop":
+                fields[name] = _int_value(name, value, DEFAULT_CROP_PAD)
+            elif name == "cutout":
+                fields[name] = _int_value(name, value, DEFAULT_CUTOUT)
+            elif name == "rotate":
+                fields[name] = _float_value(name, value, DEFAULT_ROTATE)
+            elif name == "flip":
+                if value:
+                    raise CifarlabError(f"augment op 'flip' takes no value, got {token!r}; {_USAGE}")
+                fields[name] = True
+            elif name == "none":
+                raise CifarlabError(f"'none' cannot be combined with other augment ops in {text!r}")
+            else:
+                raise CifarlabError(f"unknown augment op {name!r} in {text!r}; known: crop, flip, rotate, cutout; {_USAGE}")
+        return cls(
+            crop_pad=int(fields.get("crop", 0)),  # type: ignore[arg-type]
+            flip=bool(fields.get("flip", False)),
+            cutout=int(fields.get("cutout", 0)),  # type: ignore[arg-type]
+            rotate=float(fields.get("rotate", 0.0)),  # type: ignore[arg-type]
+        )
+
+
+def _int_value(name: str, value: str, default: int) -> int:
+    if not value:
+        return default
+    try:
+        parsed = int(value)
+    except ValueError:
+        raise CifarlabError(f"augment op {name!r} needs a whole number of pixels, got {value!r}; {_USAGE}") from None
+    if parsed < 0:
+        raise CifarlabError(f"augment op {name!r} must be >= 0, got {parsed}")
+    return parsed
+
+
+def _float_value(name: str, value: str, default: float) -> float:
+    if not value:
+        return default
+    try:
+        parsed = float(value)
+    except ValueError:
+        raise CifarlabError(f"augment op {name!r} needs a number of degrees, got {value!r}; {_USAGE}") from None
+    if not math.isfinite(parsed) or not 0.0 <= parsed <= 180.0:
+        raise CifarlabError(f"augment op {name!r} must be in [0, 180] degrees, got {value!r}")
+    return parsed
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+    """Augment a normalized float batch (B,C,H,W); returns a new tensor of the same shape, dtype and layout.
+
+    Zero is the dataset's mean colour after normalisation, so padding, rotation fill
+    and cutout all fill with the mean. ``generator`` must live on ``x.device``; the
+    same generator state always gives the same output.
+    """
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"augment_batch expects a float (B,C,H,W) batch, got {x.dtype} {tuple(x.shape)}")
+    fmt = _memory_format(x)
+    out = x
+    if spec.crop_pad > 0 or spec.flip:
+        out = _crop_flip(out, spec.crop_pad, spec.flip, generator)
+    if spec.rotate > 0:
+        out = _rotate(out, spec.rotate, generator)
+    if spec.cutout > 0:
+        # In place when `out` is already our own buffer (saves one batch-sized copy).
+        out = _cutout(out, spec.cutout, generator, inplace=out is not x)
+    if out is x:
+        return x.clone(memory_format=fmt)
+    return out.contiguous(memory_format=fmt)
+
+
+def _crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
+    """Random crop from the zero-padded image and horizontal flip, as ONE gather.
+
+    Output pixel (i, j) reads input (i + oy - pad, c(j) + ox - pad), where c(j) is j or,
+    for flipped samples, W-1-j (flipping the crop = reading its columns backwards);
+    reads outside the image give 0, which is exactly the zero padding. No padded copy
+    of the batch is ever made.
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=g, device=dev) - pad
+        oy, ox = offsets[:, 0:1], offsets[:, 1:2]
+    else:
+        oy = ox = torch.zeros(b, 1, dtype=torch.long, device=dev)
+    cols = torch.arange(w, device=dev).expand(b, w)
+    if flip:
+        flipped = torch.rand(b, 1, generator=g, device=dev) < 0.5
+        cols = torch.where(flipped, (w - 1) - cols, cols)
+    rows = torch.arange(h, device=dev).view(1, h) + oy  # (B,H)
+    cols = cols + ox  # (B,W)
+    valid = ((rows >= 0) & (rows < h)).unsqueeze(2) & ((cols >= 0) & (cols < w)).unsqueeze(1)  # (B,H,W)
+    flat = rows.clamp(0, h - 1).unsqueeze(2) * w + cols.clamp(0, w - 1).unsqueeze(1)  # (B,H,W)
+    gathered = x.reshape(b, x.shape[1], h * w).gather(2, flat.view(b, 1, h * w).expand(-1, x.shape[1], -1))
+    return gathered.view_as(x).masked_fill_(~valid.unsqueeze(1), 0.0)
+
+
+def _rotate(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.Tensor:
+    """Rotate each sample about the image centre by its own uniform angle in [-degrees, degrees]."""
+    b, _, h, w = x.shape
+    angle = (torch.rand(b, generator=g, device=x.device, dtype=torch.float32) * 2 - 1) * math.radians(degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(angle)
+    # affine_grid works in [-1, 1] coordinates per axis; the h/w factors make the map a
+    # true rotation in pixel space when the image is not square.
+    theta = torch.stack(
+        [torch.stack([cos, -sin * (h / w), zero], 1), torch.stack([sin * (w / h), cos, zero], 1)], 1
+    ).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _cutout(x: torch.Tensor, size: int, g: torch.Generator, *, inplace: bool) -> torch.Tensor:
+    """Zero a size x size square per sample, centred uniformly anywhere in the image (clipped at borders)."""
+    b, _, h, w = x.shape
+    dev = x.device
+    centre = torch.randint(0, h * w, (b, 1), generator=g, device=dev)
+    cy, cx = centre // w, centre % w
+    # Square covers [c - size//2, c - size//2 + size): for size 16 that is c-8 .. c+7.
+    top, left = cy - size // 2, cx - size // 2
+    rows = torch.arange(h, device=dev).view(1, h)
+    cols = torch.arange(w, device=dev).view(1, w)
+    in_rows = (rows >= top) & (rows < top + size)  # (B,H)
+    in_cols = (cols >= left) & (cols < left + size)  # (B,W)
+    hole = (in_rows.unsqueeze(2) & in_cols.unsqueeze(1)).unsqueeze(1)  # (B,1,H,W)
+    return x.masked_fill_(hole, 0.0) if inplace else x.masked_fill(hole, 0.0)
