@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand \d+", str(exc))
+        what = found.group(0) if found else "unsupported content"
         raise CifarlabError(
             f"refusing to load {path}: it contains objects other than tensors and plain data "
-            f"({first[:200]}); only load checkpoints you trust with other tools"
+            f"({what}); cifarlab never unpickles code"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError, IndexError) as exc:
         raise CifarlabError(

@@ -182,7 +182,7 @@ def environment_info(device: torch.device, precision: str) -> dict[str, str]:
         "cpu_threads": str(torch.get_num_threads()),
         "precision": precision,
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # TorchVersion would not pass weights_only loading
         "cifarlab": __version__,
         "platform": platform.platform(),
     }
@@ -200,6 +200,11 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
         ckpt = read_checkpoint(run_dir / "checkpoints" / "last.pt")
         # The stored config wins except for run-length, device and logging knobs.
         stored = config_from_dict({k: v for k, v in ckpt["config"].items() if v is not None})
+        if cfg.epochs != stored.epochs and stored.scheduler in ("onecycle", "cosine"):
+            raise CifarlabError(
+                f"--resume: this run's {stored.scheduler} schedule was planned for {stored.epochs} epochs "
+                f"and cannot be stretched to {cfg.epochs}; resume without --epochs, or start a new run"
+            )
         cfg = replace(stored, epochs=cfg.epochs, device=cfg.device, out=str(run_dir), log_every=cfg.log_every)
     else:
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg)
@@ -278,7 +283,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
         "std": list(ds.std),
         "dataset": {"name": ds.name, "root": ds.root, "synthetic": ds.synthetic},
         "config": cfg.to_dict(),
-        "versions": {"torch": torch.__version__, "cifarlab": __version__},
+        "versions": {"torch": str(torch.__version__), "cifarlab": __version__},
         "environment": env,
     }
     t0 = time.perf_counter()
@@ -311,10 +316,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
         result.lrs.extend(tr.lrs)
         row = {
             "epoch": epoch + 1,
-            "train_loss": round(tr.loss, 6),
-            "train_acc": round(tr.accuracy, 6),
-            "test_loss": round(te.loss, 6),
-            "test_acc": round(te.accuracy, 6),
+            "train_loss": tr.loss,
+            "train_acc": tr.accuracy,
+            "test_loss": te.loss,
+            "test_acc": te.accuracy,
             "lr": tr.lrs[-1] if tr.lrs else optimizer.param_groups[0]["lr"],
             "seconds": round(tr.seconds + te.seconds, 3),
             "train_seconds": round(tr.seconds, 3),
