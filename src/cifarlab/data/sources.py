@@ -470,14 +470,51 @@ def _jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
     image. If a future torchvision drops the op, decoding silently falls back to
     Pillow: same pixels, just slower.
     """
-    try:
-        import torchvision.io.image  # noqa: F401 - registers torch.ops.image.*
-
-        op = torch.ops.image.decode_jpeg
-    except Exception:  # noqa: BLE001 - any failure just means "no fast path"
+    op = _registered_jpeg_op()
+    if op is None:
+        _load_image_ops()
+        op = _registered_jpeg_op()
+    if op is None:
         return None
     # Mode 0 = ImageReadMode.UNCHANGED: keep 1 or 3 channels, let us handle the rest.
     return lambda data: op(data, 0, False)
+
+
+def _registered_jpeg_op() -> Callable[..., torch.Tensor] | None:
+    try:
+        return torch.ops.image.decode_jpeg
+    except Exception:  # noqa: BLE001 - not registered (yet)
+        return None
+
+
+def _load_image_ops() -> None:
+    """Register torchvision's image ops, loading just their library when possible.
+
+    ``import torchvision`` costs ~1.5 s (it pulls in models, ops and datasets), a third
+    of a cold CIFAR-sized load; loading ``image_stable`` the way torchvision itself
+    does (same file, same ``torch.ops.load_library``) takes milliseconds and a later
+    ``import torchvision`` reuses it. Windows needs torchvision's DLL-path setup, and
+    any surprise just means the full import.
+    """
+    if os.name == "posix":
+        try:
+            from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, FileFinder
+            from importlib.util import find_spec
+
+            spec = find_spec("torchvision")
+            if spec is not None and spec.submodule_search_locations:
+                finder = FileFinder(list(spec.submodule_search_locations)[0], (ExtensionFileLoader, EXTENSION_SUFFIXES))
+                for name in ("image_stable", "image"):  # torchvision >= 0.27 and older names
+                    lib = finder.find_spec(name)
+                    if lib is not None and lib.origin:
+                        torch.ops.load_library(lib.origin)
+                        return
+        except Exception:  # noqa: BLE001 - fall through to the regular import
+            pass
+    try:
+        import torchvision.io.image  # noqa: F401 - registers torch.ops.image.*
+    except Exception:  # noqa: BLE001 - no torchvision image ops: Pillow only
+        pass
 
 
 def _decode_jpeg_fast(decoder: Callable[[torch.Tensor], torch.Tensor], data: bytes) -> np.ndarray | None:
@@ -547,8 +584,8 @@ def decode_images(paths: Sequence[str], *, progress: bool = False, desc: str = "
     """
     n = len(paths)
     workers = os.cpu_count() or 1
-    # Import the decoder here, before forking: otherwise every worker pays ~1.5 s
-    # importing torchvision on its first chunk.
+    # Register the decoder here, before forking, so that workers inherit it instead of
+    # each loading it on its first chunk.
     _jpeg_decoder()
     bar = _progress_bar(n, desc) if progress else None
     if n < _POOL_MIN_FILES or workers < 2:
