@@ -241,13 +241,18 @@ def run_epoch(
     log_every: int = 20,
     on_step: StepHook | None = None,
     step_offset: int = 0,
+    check_finite: bool = True,
 ) -> EpochResult:
     """One pass over ``batches``: trains when ``optimizer`` is given, else evaluates.
 
     Loss and correct counts accumulate on the device; the host reads them only every
     ``log_every`` steps (progress bar) and at the end, so CUDA steps never wait on the
     host. ``on_step(global_step, info)`` runs after each training step (checkpointing,
-    signal handling); ``step_offset`` is the global step of the first batch.
+    signal handling); ``info`` holds this step's ``loss`` and ``lr`` and the epoch's running
+    ``loss_sum``/``correct`` device tensors and sample count ``n`` (for a mid-epoch
+    checkpoint). ``step_offset`` is the global step of the first batch.
+    ``check_finite=False`` leaves the NaN/inf check to the caller: under DDP one rank must
+    not raise alone while the others wait in the next all-reduce.
     """
     train = optimizer is not None
     model.train(train)
@@ -261,7 +266,7 @@ def run_epoch(
     start = time.perf_counter()
     step = 0
     # Non-finite checks need a host sync; on CPU that is free, on CUDA do it per log interval.
-    check_every = 1 if device.type == "cpu" else log_every
+    check_every = (1 if device.type == "cpu" else log_every) if check_finite else 0
     grad_ctx = contextlib.nullcontext() if train else torch.inference_mode()
     with grad_ctx:
         for step, (x, y) in enumerate(batches, start=1):
@@ -280,7 +285,7 @@ def run_epoch(
                 lrs.append(optimizer.param_groups[0]["lr"])
                 if scheduler is not None and scheduler.per_step and scheduler.scheduler is not None:
                     scheduler.scheduler.step()
-                if step % check_every == 0 and not torch.isfinite(loss):
+                if check_every and step % check_every == 0 and not torch.isfinite(loss):
                     raise NonFiniteLossError(step_offset + step, lrs[-1])
             batch = y.shape[0]
             n += batch
@@ -297,10 +302,13 @@ def run_epoch(
             if bar is not None:
                 bar.update(1)
             if train and on_step is not None:
-                on_step(step_offset + step, {"loss": loss})
+                on_step(
+                    step_offset + step,
+                    {"loss": loss, "lr": lrs[-1], "loss_sum": loss_sum, "correct": correct, "n": n},
+                )
     if bar is not None:
         bar.close()
-    if train and step and not torch.isfinite(loss):
+    if train and check_finite and step and not torch.isfinite(loss):
         raise NonFiniteLossError(step_offset + step, lrs[-1])
     seconds = time.perf_counter() - start
     total_loss = loss_sum.item() / max(n, 1)
