@@ -134,13 +134,28 @@ def test_summary(cli):
         (["train", "--resume", "--out", "/nonexistent-run"], "resume"),
     ],
 )
-def test_bad_input_is_one_line_exit_2(cli, args, word, tmp_path):
-    proc = cli(*args, cwd=tmp_path)
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    err = proc.stderr.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+def test_bad_input_is_one_line_exit_2(args, word, tmp_path, monkeypatch, capsys):
+    # In-process for speed (each subprocess pays the torch import); the subprocess test
+    # below checks the same contract through the real console entry point.
+    from cifarlab.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    captured = capsys.readouterr()
+    assert code == 2, (captured.out, captured.err)
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in captured.err, captured.err
     assert word in err[0]
     assert not (tmp_path / "runs").exists()  # nothing written before validation
+
+
+def test_bad_input_through_the_real_entry_point(cli, tmp_path):
+    proc = cli("train", "--epochs", "0", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["cifarlab: error: config key 'epochs' must be >= 1 and <= 100000; got 0 (in command line)"]
 
 
 def test_bad_config_file_rejected_before_data(cli, tmp_path):
