@@ -9,9 +9,16 @@ A checkpoint is a plain dict of tensors and primitives, so the safe unpickler re
     dataset               {"name", "root", "synthetic"}
     config                the resolved TrainConfig as a dict
     epoch, step           completed epochs, global optimizer steps
+    step_in_epoch         steps done in epoch ``epoch`` (0 at an epoch end; >0 mid-epoch)
+    steps_per_epoch, world_size   the run's shape; resume refuses a different one mid-epoch
+    partial               mid-epoch only: the epoch's running loss/correct sums, LRs, seconds
     metrics, best         last epoch's metrics; best test accuracy and its epoch
     optimizer, scheduler, scaler   states for --resume (absent in exported weights)
+    rng                   Python / NumPy / torch CPU and CUDA generator states (see rng_state)
     versions              torch / cifarlab versions that wrote it
+
+The data order and augmentation need no stored state: the loader derives them from
+(seed, epoch, batch index), so ``epoch`` and ``step_in_epoch`` pin them down exactly.
 
 ``model.safetensors`` holds the same weights with the description as JSON metadata.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import re
 import zipfile
 from pathlib import Path
@@ -29,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarlab import _faults
 from cifarlab.errors import CifarlabError
 
 FORMAT = "cifarlab"
@@ -62,10 +71,83 @@ def atomic_write(path: str | os.PathLike, write: "callable") -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Atomically ``torch.save`` a checkpoint dict (see module docstring for its keys)."""
+class NonFiniteStateError(CifarlabError):
+    """A checkpoint was about to be written with NaN/inf weights or optimizer state."""
+
+    def __init__(self, path: Path, names: list[str]):
+        super().__init__(f"refusing to write {path}: non-finite values in {', '.join(names[:5])}")
+        self.names = names
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any], *, check_finite: bool = True) -> None:
+    """Atomically ``torch.save`` a checkpoint dict (see module docstring for its keys).
+
+    With ``check_finite`` (the default) the weights and optimizer state are checked
+    first and :class:`NonFiniteStateError` is raised instead of writing NaN/inf: a
+    diverged model must never replace the last good checkpoint.
+    """
+    path = Path(path)
+    if check_finite:
+        from cifarlab.guards import nonfinite_entries
+
+        tensors = list(payload.get("state_dict", {}).items())
+        for key in ("ema_state_dict",):
+            tensors += [(f"{key}.{k}", v) for k, v in (payload.get(key) or {}).items()]
+        for i, state in (payload.get("optimizer") or {}).get("state", {}).items():
+            tensors += [(f"optimizer.{i}.{k}", v) for k, v in state.items()]
+        bad = nonfinite_entries(tensors)
+        if bad:
+            raise NonFiniteStateError(path, bad)
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    atomic_write(path, lambda f: torch.save(payload, f))
+
+    def write(f) -> None:
+        torch.save(payload, f)
+        _faults.in_save()  # test hook: a crash or full disk at the most fragile moment
+
+    atomic_write(path, write)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator's state, as tensors and plain data (weights_only-loadable).
+
+    Nothing in cifarlab's own pipeline draws from these (the loader has its own
+    per-batch generators) but dropout, user code and libraries do; restoring them is
+    what makes a resumed run continue bit for bit.
+    """
+    import numpy as np
+
+    version, py_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": int(version), "state": [int(v) for v in py_state], "gauss": gauss},
+        # numpy's uint32 key array as int64: plain tensors are what the safe loader reads.
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any] | None) -> None:
+    """Undo :func:`rng_state` (missing parts, e.g. CUDA on a CPU machine, are skipped)."""
+    if not state:
+        return
+    import numpy as np
+
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if "numpy" in state:
+        nps = state["numpy"]
+        keys = nps["keys"].numpy().astype(np.uint32)
+        np.random.set_state((nps["kind"], keys, nps["pos"], nps["has_gauss"], nps["cached"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

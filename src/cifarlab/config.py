@@ -80,6 +80,10 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None  # run directory; default runs/<preset or model>-<timestamp>
     log_every: int = 20  # steps between host syncs for the progress bar
+    # --- robustness
+    save_every_steps: int = 0  # also checkpoint every N steps mid-epoch; 0 = epoch ends only
+    stop_on_stall: bool = True  # stop (else only warn) when training is stuck at chance
+    skip_bad: bool = False  # image folders: train without unreadable files (refused above 1%)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields (None values kept)."""
@@ -123,6 +127,7 @@ _BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "ema": (0.0, 0.999999, True),
     "seed": (0, 2**63 - 1, True),
     "log_every": (1, 1_000_000, True),
+    "save_every_steps": (0, 1_000_000_000, True),
 }
 
 _FIELD_TYPES = typing.get_type_hints(TrainConfig)

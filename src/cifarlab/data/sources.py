@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import pickle
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,14 +64,20 @@ CIFAR10_MD5 = MappingProxyType({
 # Bump whenever the synthetic generator's output changes, so cached copies are rebuilt.
 SYNTHETIC_VERSION = 1
 # Bump whenever image decoding/resizing changes (decoded imagefolder caches depend on it).
-DECODER_VERSION = 1
+# 2: 16-bit grayscale PNGs are scaled to 8 bits instead of clipped to white.
+DECODER_VERSION = 2
 
 # Below this many files a process pool costs more (fork + result transfer) than it saves.
 _POOL_MIN_FILES = 2048
 # Names that file managers drop into folders; they are never images.
 _JUNK_FILES = frozenset({"thumbs.db", "desktop.ini"})
-# How many bad paths an error message lists before summarising the rest.
-_MAX_LISTED = 10
+# Folders that archivers and OS tools create; never classes, never images.
+_JUNK_DIRS = frozenset({"__macosx"})
+# How many bad paths an error message lists before pointing at the full list's file.
+_MAX_LISTED = 5
+# --skip-bad refuses to train when more than this fraction of the files is unreadable:
+# beyond a few stray files, a broken dataset is the likelier explanation.
+SKIP_BAD_MAX_FRACTION = 0.01
 # Seed of the fixed per-class order used by Split.take (any constant works; never change it,
 # or subsets drawn by earlier runs stop being reproducible).
 _TAKE_SEED = 20240601
@@ -143,6 +150,7 @@ class Dataset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     synthetic: bool
+    skipped: tuple[str, ...] = ()  # unreadable files left out by skip_bad (image folders)
 
     @property
     def num_classes(self) -> int:
@@ -161,6 +169,7 @@ def load_dataset(
     synthetic_test: int = 1000,
     seed: int = 0,
     progress: bool = False,
+    skip_bad: bool = False,
 ) -> Dataset:
     """Load a dataset, decoding it at most once per change of its files.
 
@@ -173,6 +182,8 @@ def load_dataset(
         download: for cifar10, try the official download when the files are missing.
         num_classes, synthetic_train, synthetic_test, seed: synthetic data only.
         progress: show a progress bar on stderr while decoding images.
+        skip_bad: imagefolder only: leave out unreadable files instead of failing, as long
+            as they are at most :data:`SKIP_BAD_MAX_FRACTION` of all files.
 
     Raises:
         CifarlabError: on any problem with the input data, naming the path and the fix.
@@ -189,7 +200,7 @@ def load_dataset(
     try:
         if kind == "cifar10":
             return _load_cifar10(root_path, cache_root, download)
-        return _load_imagefolder(root_path, cache_root, progress)
+        return _load_imagefolder(root_path, cache_root, progress, skip_bad)
     except OSError as exc:
         # Permissions, vanished files, I/O errors while listing or reading the sources.
         where = exc.filename or root_path
@@ -244,6 +255,7 @@ def _dataset(name: str, root: Path | None, payload: dict[str, Any], synthetic: b
         mean=tuple(float(v) for v in payload["mean"]),  # type: ignore[arg-type]
         std=tuple(float(v) for v in payload["std"]),  # type: ignore[arg-type]
         synthetic=synthetic,
+        skipped=tuple(str(p) for p in payload.get("skipped", ())),
     )
 
 
@@ -372,13 +384,13 @@ def _read_cifar10(base: Path) -> dict[str, Any]:
 
 
 def _skip(name: str) -> bool:
-    return name.startswith(".") or name.lower() in _JUNK_FILES
+    return name.startswith(".") or name.lower() in _JUNK_FILES or name.lower() in _JUNK_DIRS
 
 
 def _class_dirs(split_dir: Path) -> dict[str, str]:
     """Map class name -> directory path for the non-hidden subdirectories of ``split_dir``."""
     with os.scandir(split_dir) as it:
-        return {e.name: e.path for e in it if not e.name.startswith(".") and e.is_dir()}
+        return {e.name: e.path for e in it if not _skip(e.name) and e.is_dir()}
 
 
 def _list_files(directory: str, rel_prefix: str, out: list[tuple[str, str, int, int]]) -> None:
@@ -543,10 +555,32 @@ def _decode_image(path: str, decoder: Callable[[torch.Tensor], torch.Tensor] | N
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
-            rgb = np.asarray(im.convert("RGB"))
+            rgb = _to_rgb(im)
     if rgb.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
         rgb = _resize(np.ascontiguousarray(rgb))
     return rgb
+
+
+def _to_rgb(im: Any) -> np.ndarray:
+    """A Pillow image of any mode as (H, W, 3) uint8 RGB.
+
+    ``convert("RGB")`` handles 8-bit modes (L, LA, P, RGBA: alpha dropped, CMYK, YCbCr)
+    but *clips* 16/32-bit grayscale (PNG ``I;16``, ``I``) at 255, turning a 16-bit scan
+    nearly white; those are scaled down to their top 8 bits instead. 16-bit RGB(A) PNGs
+    already open as 8-bit RGB(A).
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im)
+        if mode == "F":
+            a = a * 255.0 if a.size and float(np.nanmax(a)) <= 1.0 else a
+            gray = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
+        elif mode.startswith("I;16") or (a.size and a.max() > 255):
+            gray = (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        else:
+            gray = np.clip(a, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
 
 
 def _decode_chunk(paths: Sequence[str]) -> tuple[np.ndarray, list[tuple[str, str]]]:
@@ -622,36 +656,99 @@ def _progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False)
 
 
-def _load_imagefolder(root: Path, cache_root: Path, progress: bool) -> Dataset:
+def _load_imagefolder(root: Path, cache_root: Path, progress: bool, skip_bad: bool = False) -> Dataset:
     classes, files, labels = _scan_imagefolder(root)
     entries = [(rel, size, mtime) for split in ("train", "test") for _, rel, size, mtime in files[split]]
     identity = {"kind": "imagefolder", "root": str(root), "decoder": DECODER_VERSION, "size": IMAGE_SIZE}
+    if skip_bad:
+        # Leaving files out gives a different payload: it gets its own cache entry, so a
+        # later run without --skip-bad still reports the bad files instead of hiding them.
+        identity["skip_bad"] = True
 
     def build() -> dict[str, Any]:
         paths = [p for split in ("train", "test") for p, _, _, _ in files[split]]
+        # The decode pass is the pre-scan: it tries every file and collects every failure,
+        # so one run lists all bad files instead of failing on them one at a time.
         images, bad = decode_images(paths, progress=progress, desc=f"decoding {root.name}")
-        if bad:
-            listed = "; ".join(f"{p} ({why})" for p, why in bad[:_MAX_LISTED])
-            more = f"; and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-            raise CifarlabError(
-                f"{len(bad)} file(s) under {root} could not be read as images: {listed}{more}. "
-                "Remove or replace them"
-            )
         n_train = len(files["train"])
-        train_images = images[:n_train].contiguous()
+        split_labels = {"train": labels["train"], "test": labels["test"]}
+        skipped: list[str] = []
+        if bad:
+            _check_bad_files(root, cache_root, bad, len(paths), skip_bad)
+            bad_paths = {p for p, _ in bad}
+            keep = torch.tensor([p not in bad_paths for p in paths])
+            skipped = [p for p, _ in bad]
+            for split, offset in (("train", 0), ("test", n_train)):
+                mask = keep[offset : offset + len(files[split])].tolist()
+                split_labels[split] = [lab for lab, ok in zip(labels[split], mask) if ok]
+                _check_classes_survive(root, split, classes, labels[split], split_labels[split])
+            train_images = images[:n_train][keep[:n_train]].contiguous()
+            test_images = images[n_train:][keep[n_train:]].contiguous()
+        else:
+            train_images, test_images = images[:n_train].contiguous(), images[n_train:].contiguous()
         mean, std = channel_stats(train_images)
         return {
             "classes": classes,
             "train_images": train_images,
-            "train_labels": torch.tensor(labels["train"], dtype=torch.int64),
-            "test_images": images[n_train:].contiguous(),
-            "test_labels": torch.tensor(labels["test"], dtype=torch.int64),
+            "train_labels": torch.tensor(split_labels["train"], dtype=torch.int64),
+            "test_images": test_images,
+            "test_labels": torch.tensor(split_labels["test"], dtype=torch.int64),
             "mean": list(mean),
             "std": list(std),
+            "skipped": skipped,
         }
 
     payload = _cached(identity, entries, cache_root, build)
     return _dataset("imagefolder", root, payload, synthetic=False)
+
+
+def _check_bad_files(root: Path, cache_root: Path, bad: list[tuple[str, str]], total: int, skip_bad: bool) -> None:
+    """Raise the one-line error for unreadable files, unless --skip-bad may skip them.
+
+    The full list (path and reason per line) goes to a file whose path the message
+    names: a dataset with 3,000 bad files would not fit on a line.
+    """
+    listing = _write_bad_list(root, cache_root, bad)
+    first = "; ".join(f"{p} ({why})" for p, why in bad[:_MAX_LISTED])
+    more = f"; and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+    where = f"full list in {listing}" if listing else "could not write the full list"
+    head = f"{len(bad)} file(s) under {root} (of {total}) could not be read as images: {first}{more}; {where}"
+    limit = SKIP_BAD_MAX_FRACTION * total
+    if not skip_bad:
+        advice = "Remove or replace them"
+        if len(bad) <= limit:
+            advice += ", or pass --skip-bad to train without them"
+        raise CifarlabError(f"{head}. {advice}")
+    if len(bad) > limit:
+        raise CifarlabError(
+            f"{head}. That is {len(bad) / total:.1%} of the files, more than the {SKIP_BAD_MAX_FRACTION:.0%} "
+            "--skip-bad tolerates: the dataset looks broken; fix it rather than skipping"
+        )
+
+
+def _write_bad_list(root: Path, cache_root: Path, bad: list[tuple[str, str]]) -> Path | None:
+    """Write 'path<TAB>reason' lines next to the cache (the data folder may be read-only)."""
+    digest = hashlib.sha256(str(root).encode("utf-8")).hexdigest()[:12]
+    text = "".join(f"{p}\t{why}\n" for p, why in bad)
+    for folder in (cache_root / "bad-files", Path(tempfile.gettempdir())):
+        path = folder / f"{root.name or 'data'}-{digest}-unreadable.txt"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return path
+        except OSError:
+            continue
+    return None
+
+
+def _check_classes_survive(root: Path, split: str, classes: Sequence[str], before: Sequence[int], after: Sequence[int]) -> None:
+    had, has = set(before), set(after)
+    emptied = [classes[c] for c in sorted(had - has)]
+    if emptied:
+        raise CifarlabError(
+            f"--skip-bad would leave class folder(s) {', '.join(emptied)} of {root / split} without any readable "
+            "image; fix or remove them"
+        )
 
 
 # --------------------------------------------------------------------------- synthetic
