@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if preset is None and args.config is None:
         preset = _default_preset()
     cfg = resolve_config(preset=preset, config_file=args.config, overrides=_overrides(args))
-    fit(cfg, resume=args.resume)
+    fit(cfg, resume=args.resume, report=not args.no_report)
     return 0
 
 
@@ -130,6 +130,103 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    import datetime as dt
+    from pathlib import Path
+
+    from cifarlab.config import resolve_config
+    from cifarlab.lr_finder import find_lr_for_run, save_lr_find
+    from cifarlab.train import build_context
+
+    preset = args.preset
+    if preset is None and args.config is None:
+        preset = _default_preset()
+    cfg = resolve_config(preset=preset, config_file=args.config, overrides=_overrides(args))
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out) if cfg.out else Path("runs") / f"lr-find-{stamp}"
+    ctx = build_context(cfg, progress=sys.stderr.isatty())
+    result = find_lr_for_run(ctx, start=args.start, end=args.end, steps=args.steps, progress=sys.stderr.isatty())
+    png, js = save_lr_find(result, out)
+    if ctx.dataset.synthetic:
+        print("(SYNTHETIC data: this LR suits the synthetic task, not CIFAR-10)")
+    print(result.summary())
+    print(f"plot: {png}\ndata: {js}")
+    return 0
+
+
+def _explain_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {
+        "data": args.data,
+        "dataset": args.dataset,
+        "limit_test": args.limit_test,
+        "device": args.device,
+        "eval_batch_size": args.batch_size,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cifarlab.explain.galleries import default_explain_dir, explain_checkpoint, write_explanation
+
+    if args.misclassified < 0 or args.correct < 0:
+        raise CifarlabError("--misclassified and --correct must be >= 0")
+    expl = explain_checkpoint(
+        args.checkpoint,
+        _explain_overrides(args),
+        n_misclassified=args.misclassified,
+        n_correct=args.correct,
+        layer=args.layer,
+    )
+    out = args.out or default_explain_dir(args.checkpoint)
+    paths = write_explanation(expl, out)
+    print(f"Grad-CAM layer {expl.layer}; test accuracy {expl.accuracy:.2%} on {expl.n_test} images")
+    for g in expl.galleries():
+        f = g.faithfulness
+        print(
+            f"{g.kind}: {len(g.selection)} images; masking the top {f.fraction:.0%} CAM pixels drops "
+            f"p(predicted) by {f.cam_drop:.3f} vs {f.random_drop:.3f} for random pixels"
+        )
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cifarlab.predict import predict_files
+
+    preds = predict_files(
+        args.images, args.checkpoint, device=args.device, topk=args.top, explain=args.explain, out=args.out, layer=args.layer
+    )
+    for p in preds:
+        if args.json:
+            print(json.dumps({"path": p.path, "top": [{"class": c, "prob": q} for c, q in p.top], "cam": p.cam_path}))
+        else:
+            print(p.line() + (f"  (CAM: {p.cam_path})" if p.cam_path else ""))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if args.compare:
+        if args.run_dir:
+            raise CifarlabError("give either RUN_DIR or --compare RUN_DIR..., not both")
+        from cifarlab.report.compare import compare_runs
+
+        print(f"comparison written to {compare_runs(args.compare, args.out, device=args.device)}")
+        return 0
+    if not args.run_dir:
+        raise CifarlabError("give a run directory (cifarlab report RUN_DIR) or --compare RUN_DIR RUN_DIR...")
+    from cifarlab.report.build import build_report
+
+    build_report(
+        args.run_dir,
+        device=args.device,
+        n_misclassified=args.misclassified,
+        n_correct=args.correct,
+        layer=args.layer,
+        log=print,
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -147,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model; writes a run directory")
     _add_train_flags(p, models)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
+    p.add_argument("--no-report", action="store_true", help="skip report.html/README.md at the end")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
@@ -165,6 +263,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", default="batch", choices=["batch", "group", "layer"])
     p.add_argument("--num-classes", type=int, default=10)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("lr-find", help="LR range test: suggested LR and its One-Cycle bounds (plot + JSON in --out)")
+    _add_train_flags(p, models)
+    p.add_argument("--start", type=float, default=1e-7, help="first LR of the sweep (default 1e-7)")
+    p.add_argument("--end", type=float, default=10.0, help="last LR of the sweep (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="training steps in the sweep (default 100)")
+    p.set_defaults(func=cmd_lr_find)
+
+    p = sub.add_parser("explain", help="Grad-CAM galleries of misclassified and correct test images")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a .pt checkpoint or model.safetensors")
+    p.add_argument("--data", help="data root (default: the one the model was trained on)")
+    p.add_argument("--dataset", help="cifar10 | imagefolder | synthetic")
+    p.add_argument("--limit-test", type=int, help="explain on a class-balanced test subset")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size")
+    p.add_argument("--misclassified", type=int, default=20, metavar="N", help="most confidently misclassified images (20)")
+    p.add_argument("--correct", type=int, default=10, metavar="N", help="most confident correct images (10)")
+    p.add_argument("--layer", help="Grad-CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--out", help="output folder (default RUN_DIR/explain)")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("predict", help="top-3 classes of image files, optionally with Grad-CAM")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size and mode)")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a .pt checkpoint or model.safetensors")
+    p.add_argument("--explain", action="store_true", help="write <image stem>.cam.png next to each image")
+    p.add_argument("--out", help="folder for the .cam.png files (default: next to each image)")
+    p.add_argument("--layer", help="Grad-CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--top", type=int, default=3, help="how many classes to print (3)")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html and README.md, or compare runs")
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a finished run directory")
+    p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare these runs on one HTML page")
+    p.add_argument("--out", help="--compare: output HTML file (default runs/compare-<time>.html)")
+    p.add_argument("--misclassified", type=int, default=20, metavar="N", help="misclassified images to explain (20)")
+    p.add_argument("--correct", type=int, default=10, metavar="N", help="correct images to explain (10)")
+    p.add_argument("--layer", help="Grad-CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--device", help="auto | cpu | cuda")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

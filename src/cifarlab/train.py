@@ -188,8 +188,19 @@ def environment_info(device: torch.device, precision: str) -> dict[str, str]:
     }
 
 
-def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None, stream: TextIO | None = None) -> RunResult:
-    """Train per ``cfg``; write the run directory; return the history and where it went."""
+def fit(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    stream: TextIO | None = None,
+    report: bool = True,
+) -> RunResult:
+    """Train per ``cfg``; write the run directory; return the history and where it went.
+
+    ``report`` writes ``report.html``/``README.md`` into the run directory at the end
+    (after the checkpoints: a failing report never loses the run).
+    """
     launched = time.perf_counter()
     if progress is None:
         progress = sys.stderr.isatty()
@@ -231,7 +242,13 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
     steps_per_epoch = len(ctx.train_loader)
     if steps_per_epoch == 0:
         raise CifarlabError("no training batches: the training split is empty")
-    lr = float(cfg.lr)
+    if cfg.lr == "auto":
+        from cifarlab.lr_finder import auto_lr
+
+        # The sweep trains copies and restores every RNG: the run below is unaffected.
+        lr = auto_lr(ctx, run_dir, log, total_steps=cfg.epochs * steps_per_epoch, reuse=ckpt is not None, progress=progress)
+    else:
+        lr = float(cfg.lr)
     optimizer = build_optimizer(
         model,
         cfg.optimizer,
@@ -288,6 +305,7 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
         "environment": env,
     }
     t0 = time.perf_counter()
+    final_eval: EpochResult | None = None
     for epoch in range(start_epoch, cfg.epochs):
         ctx.train_loader.set_epoch(epoch)
         try:
@@ -314,7 +332,10 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
         # TTA multiplies evaluation cost (6 passes for flip-translate); per-epoch numbers only
         # track progress, so pay for it once, on the final epoch that the run reports.
         tta = cfg.tta if epoch + 1 == cfg.epochs else "none"
-        te = evaluate_loader(model, ctx.test_loader, ctx.device, ctx.precision, tta, eval_loss)
+        # The final epoch's logits feed the report's per-class numbers and galleries.
+        te = evaluate_loader(model, ctx.test_loader, ctx.device, ctx.precision, tta, eval_loss, collect=epoch + 1 == cfg.epochs)
+        if te.logits is not None:
+            final_eval = te
         if plan.on_metric:
             plan.scheduler.step(te.loss)
         result.lrs.extend(tr.lrs)
@@ -372,6 +393,9 @@ def fit(cfg: TrainConfig, *, resume: bool = False, progress: bool | None = None,
             + (" (SYNTHETIC data)" if ds.synthetic else "")
         )
     log(f"run saved to {run_dir}")
+    from cifarlab.report.build import after_training
+
+    after_training(run_dir, model=model, dataset=ds, final_eval=final_eval, epoch=cfg.epochs, write_report=report, log=log)
     return result
 
 

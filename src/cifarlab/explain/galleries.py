@@ -1,0 +1,260 @@
+"""The ``explain`` pipeline: pick test images, Grad-CAM them, check the maps, save it all.
+
+Used by ``cifarlab explain`` (from a checkpoint) and by the report at the end of
+training (with the model and predictions already in memory).
+
+Output files (``write_explanation``)::
+
+    misclassified.png   gallery: image | CAM of the predicted class | CAM of the actual class
+    correct.png         gallery: image | CAM of the (correctly) predicted class
+    explain.json        chosen test indices, classes, probabilities, layer, faithfulness
+    cams.npz            indices, images (uint8 N,H,W,3), cam_pred, cam_true (float32 N,H,W),
+                        preds, targets, probs, gallery (name per row)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cifarlab.explain.faithfulness import Faithfulness, deletion_check
+from cifarlab.explain.gradcam import grad_cam, unwrap
+from cifarlab.explain.overlay import GalleryItem, denormalise, gallery_figure, overlay, save_png
+from cifarlab.explain.select import Selection, select_examples
+
+GALLERIES = ("misclassified", "correct")
+
+
+@dataclass
+class Gallery:
+    """One set of explained test images (most confident first)."""
+
+    kind: str  # "misclassified" or "correct"
+    selection: Selection
+    images: np.ndarray  # uint8 (n, H, W, 3), de-normalised
+    cam_pred: np.ndarray  # float32 (n, H, W) in [0, 1]
+    cam_true: np.ndarray  # float32 (n, H, W) in [0, 1]; == cam_pred for correct images
+    faithfulness: Faithfulness
+
+    def rows(self, classes: Sequence[str]) -> list[dict[str, Any]]:
+        """One JSON-ready dict per image."""
+        s = self.selection
+        return [
+            {
+                "index": int(s.indices[i]),
+                "actual": classes[int(s.targets[i])],
+                "predicted": classes[int(s.preds[i])],
+                "actual_id": int(s.targets[i]),
+                "predicted_id": int(s.preds[i]),
+                "prob": float(s.probs[i]),
+                "actual_prob": float(s.true_probs[i]),
+            }
+            for i in range(len(s))
+        ]
+
+    def figure(self, classes: Sequence[str]):
+        """The gallery as one captioned Figure."""
+        s = self.selection
+        items = []
+        for i in range(len(s)):
+            panels = [self.images[i], overlay(self.images[i], self.cam_pred[i])]
+            if self.kind == "misclassified":
+                panels.append(overlay(self.images[i], self.cam_true[i]))
+            caption = (
+                f"actual: {classes[int(s.targets[i])]}",
+                f"pred: {classes[int(s.preds[i])]}  p={float(s.probs[i]):.2f}",
+            )
+            items.append(GalleryItem(panels, caption))
+        if self.kind == "misclassified":
+            titles = ["image", "CAM predicted", "CAM actual"]
+            title = f"Most confidently misclassified test images ({len(s)})"
+            accent = "#b00"
+        else:
+            titles = ["image", "CAM predicted"]
+            title = f"Most confidently correct test images ({len(s)})"
+            accent = "#070"
+        return gallery_figure(items, titles, title, per_row=5, accent=accent)
+
+
+@dataclass
+class Explanation:
+    """Both galleries of one model on one test split."""
+
+    layer: str
+    classes: list[str]
+    misclassified: Gallery
+    correct: Gallery
+    n_test: int
+    accuracy: float
+
+    def galleries(self) -> list[Gallery]:
+        """Misclassified first, then correct."""
+        return [self.misclassified, self.correct]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``explain.json`` holds."""
+        return {
+            "layer": self.layer,
+            "classes": self.classes,
+            "n_test": self.n_test,
+            "accuracy": self.accuracy,
+            **{g.kind: g.rows(self.classes) for g in self.galleries()},
+            "faithfulness": {g.kind: g.faithfulness.to_dict() for g in self.galleries()},
+        }
+
+
+def _normalised(images: torch.Tensor, mean, std, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 (n,3,H,W) CPU images -> normalised float model inputs, exactly as the test loader makes them."""
+    from cifarlab.data import DeviceLoader, Split
+
+    n = images.shape[0]
+    if n == 0:
+        return torch.zeros((0, *images.shape[1:]), device=device)
+    loader = DeviceLoader(
+        Split(images, torch.zeros(n, dtype=torch.int64)),
+        n,
+        device=device,
+        mean=tuple(mean),
+        std=tuple(std),
+        shuffle=False,
+        channels_last=channels_last,
+    )
+    (x, _), = list(loader)
+    return x
+
+
+def explain_predictions(
+    model: nn.Module,
+    test_images: torch.Tensor,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    classes: Sequence[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    n_misclassified: int = 20,
+    n_correct: int = 10,
+    layer: str | None = None,
+    channels_last: bool = False,
+) -> Explanation:
+    """Select, Grad-CAM and faithfulness-check test images given collected test logits.
+
+    ``test_images`` is the uint8 (N, 3, H, W) test split the logits were computed on, in
+    the same order. All CAMs (predicted and actual class, both galleries) go through
+    Captum in one batched call on the model's device.
+    """
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    mis = select_examples(logits, targets, n_misclassified, correct=False)
+    cor = select_examples(logits, targets, n_correct, correct=True)
+    idx = torch.cat([mis.indices, cor.indices])
+    x = _normalised(test_images[idx], mean, std, device, channels_last)
+    m, c = len(mis), len(cor)
+    # CAM targets: predicted then actual class for misclassified images, predicted for correct ones.
+    cam_targets = torch.cat([mis.preds, mis.targets, cor.preds])
+    cam_x = torch.cat([x[:m], x[:m], x[m:]])
+    if cam_x.shape[0]:
+        cams, name = grad_cam(model, cam_x, cam_targets, layer)
+    else:
+        from cifarlab.explain.gradcam import resolve_layer
+
+        name = resolve_layer(model, layer)[0]
+        cams = torch.zeros(0, *x.shape[-2:])
+    cams_np = cams.numpy().astype(np.float32)
+    pictures = denormalise(x, mean, std)
+    classes = list(classes)
+    galleries = []
+    for kind, sel, pics, cp, ct, xs in (
+        ("misclassified", mis, pictures[:m], cams_np[:m], cams_np[m : 2 * m], x[:m]),
+        ("correct", cor, pictures[m:], cams_np[2 * m :], cams_np[2 * m :], x[m:]),
+    ):
+        faith = deletion_check(model, xs, torch.from_numpy(cp), sel.preds)
+        galleries.append(Gallery(kind, sel, pics, cp, ct, faith))
+    preds = logits.argmax(1).cpu()
+    return Explanation(
+        layer=name,
+        classes=classes,
+        misclassified=galleries[0],
+        correct=galleries[1],
+        n_test=int(targets.numel()),
+        accuracy=float((preds == targets.cpu()).float().mean()) if targets.numel() else float("nan"),
+    )
+
+
+def write_explanation(expl: Explanation, out_dir: str | Path, pngs: dict[str, bytes] | None = None) -> dict[str, Path]:
+    """Save the galleries (PNG), ``explain.json`` and ``cams.npz`` into ``out_dir``.
+
+    ``pngs`` maps gallery kind to an already rendered PNG (the report renders them anyway).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for g in expl.galleries():
+        path = out_dir / f"{g.kind}.png"
+        if pngs and g.kind in pngs:
+            path.write_bytes(pngs[g.kind])
+            paths[g.kind] = path
+        else:
+            paths[g.kind] = save_png(g.figure(expl.classes), path)
+    paths["json"] = out_dir / "explain.json"
+    paths["json"].write_text(json.dumps(expl.to_dict(), indent=1) + "\n", encoding="utf-8")
+    paths["npz"] = out_dir / "cams.npz"
+    gs = expl.galleries()
+    np.savez_compressed(
+        paths["npz"],
+        indices=np.concatenate([g.selection.indices.numpy() for g in gs]).astype(np.int64),
+        images=np.concatenate([g.images for g in gs]).astype(np.uint8),
+        cam_pred=np.concatenate([g.cam_pred for g in gs]).astype(np.float32),
+        cam_true=np.concatenate([g.cam_true for g in gs]).astype(np.float32),
+        preds=np.concatenate([g.selection.preds.numpy() for g in gs]).astype(np.int64),
+        targets=np.concatenate([g.selection.targets.numpy() for g in gs]).astype(np.int64),
+        probs=np.concatenate([g.selection.probs.numpy() for g in gs]).astype(np.float32),
+        gallery=np.array([g.kind for g in gs for _ in range(len(g.selection))], dtype="<U13"),
+        classes=np.array(expl.classes, dtype=str),
+        layer=np.array(expl.layer),
+    )
+    return paths
+
+
+def explain_checkpoint(
+    checkpoint: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    n_misclassified: int = 20,
+    n_correct: int = 10,
+    layer: str | None = None,
+) -> Explanation:
+    """Load a checkpoint and its test data, predict the split, explain (``cifarlab explain``)."""
+    from cifarlab.evaluate import load_for_inference, predict_split
+    from cifarlab.explain.gradcam import resolve_layer
+
+    run = load_for_inference(str(checkpoint), overrides)
+    resolve_layer(run.model, layer)  # a bad --layer fails before the test split is predicted
+    res = predict_split(run)
+    return explain_predictions(
+        run.model,
+        run.dataset.test.images,
+        res.logits,
+        res.targets,
+        classes=run.info["classes"],
+        mean=run.info["mean"],
+        std=run.info["std"],
+        n_misclassified=n_misclassified,
+        n_correct=n_correct,
+        layer=layer,
+        channels_last=run.channels_last,
+    )
+
+
+def default_explain_dir(checkpoint: str | Path) -> Path:
+    """``RUN/explain`` for ``RUN/checkpoints/x.pt``, else ``explain-<stem>`` beside the file."""
+    p = Path(checkpoint)
+    if p.parent.name == "checkpoints":
+        return p.parent.parent / "explain"
+    return p.parent / f"explain-{p.stem}"

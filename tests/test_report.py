@@ -1,0 +1,124 @@
+"""The run report: written at the end of ``train`` (with ``--lr auto``), every section
+present in both the self-contained HTML and the Markdown, no URLs; ``cifarlab report``
+and ``--compare``; a failing report never fails the run."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from cifarlab.report.build import SECTIONS
+from tests.tiny_run import tiny_fit
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tiny_fit(tmp_path_factory.mktemp("report") / "run", report=True, lr="auto")
+    return run.run_dir
+
+
+def test_train_wrote_report_lr_find_and_predictions(run_dir):
+    for name in ("report.html", "README.md", "lr_find.png", "lr_find.json", "predictions.npz",
+                 "explain/cams.npz", "explain/explain.json", "explain/misclassified.png"):
+        assert (run_dir / name).is_file(), name
+    log = (run_dir / "log.txt").read_text()
+    assert "lr auto" in log and "suggested LR (valley)" in log and "report written to" in log
+
+
+def test_lr_auto_trains_with_the_suggestion_as_onecycle_max(run_dir):
+    from cifarlab.checkpoint import read_checkpoint
+
+    suggestion = json.loads((run_dir / "lr_find.json").read_text())["suggestion"]
+    ckpt = read_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert ckpt["config"]["lr"] == "auto"
+    assert max(ckpt["lrs"]) == pytest.approx(suggestion, rel=0.2)  # One-Cycle peaks at max_lr
+    assert ckpt["lrs"][0] == pytest.approx(suggestion / ckpt["config"]["div_factor"], rel=1e-6)
+
+
+def test_html_has_every_section_embedded_images_and_no_urls(run_dir):
+    html = (run_dir / "report.html").read_text()
+    for sid, title in SECTIONS:
+        assert f'id="{sid}"' in html, sid
+        assert title in html, title
+    assert not re.search(r"https?://", html)
+    assert not re.search(r"""(?:src|href)=["'](?!data:|#)""", html), "only data: URIs and in-page anchors"
+    srcs = re.findall(r'<img src="([^"]+)"', html)
+    assert len(srcs) >= 7 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "<script" not in html.lower()
+    assert 'class="synthetic"' in html and "SYNTHETIC DATA" in html
+    # content, not just headings
+    for needle in ("max accuracy", "last-epoch accuracy", "seconds per epoch", "torch",
+                   "valley", "One-Cycle", "features.group1", "drop, CAM mask", "class3", "M MACs"):
+        assert needle in html, needle
+
+
+def test_results_table_matches_the_history(run_dir):
+    from cifarlab.checkpoint import read_checkpoint
+
+    hist = read_checkpoint(run_dir / "checkpoints" / "last.pt")["history"]
+    best = max(hist, key=lambda r: r["test_acc"])
+    md = (run_dir / "README.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| test |"))
+    assert f"{best['test_acc']:.2%}" in row and f"| {best['epoch']} |" in row and f"{hist[-1]['test_acc']:.2%}" in row
+
+
+def test_markdown_has_the_same_sections_and_pngs_beside_it(run_dir):
+    md = (run_dir / "README.md").read_text()
+    for _, title in SECTIONS:
+        assert f"## {title}" in md, title
+    assert "SYNTHETIC DATA" in md
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(linked) >= 7  # lr_find, curves, per-class, confusion, augmentations, 2 galleries
+    for rel in linked:
+        assert rel.startswith("report_files/") and (run_dir / rel).read_bytes()[:4] == b"\x89PNG"
+    assert not re.search(r"https?://", md)
+
+
+def test_report_command_rebuilds_from_the_run_dir(run_dir, capsys):
+    from cifarlab.cli import main
+
+    (run_dir / "report.html").unlink()
+    assert main(["report", str(run_dir), "--device", "cpu", "--misclassified", "4", "--correct", "2"]) == 0
+    assert "report written to" in capsys.readouterr().out
+    html = (run_dir / "report.html").read_text()
+    assert all(f'id="{sid}"' in html for sid, _ in SECTIONS)
+    assert len(json.loads((run_dir / "explain" / "explain.json").read_text())["correct"]) == 2
+
+
+def test_compare_puts_runs_on_one_page(run_dir, tmp_path, capsys):
+    from cifarlab.cli import main
+
+    other = tmp_path / "other-run"
+    shutil.copytree(run_dir, other)
+    (other / "predictions.npz").unlink()  # forces the evaluate-on-the-fly path for one run
+    out = tmp_path / "cmp.html"
+    assert main(["report", "--compare", str(run_dir), str(other), "--out", str(out), "--device", "cpu"]) == 0
+    html = out.read_text()
+    assert run_dir.name in html and "other-run" in html
+    for needle in ('id="results"', 'id="curves"', 'id="per-class"', "best test acc", "SYNTHETIC"):
+        assert needle in html
+    assert not re.search(r"https?://", html)
+    assert main(["report", "--compare", str(run_dir)]) == 2
+    assert main(["report"]) == 2
+
+
+def test_a_failing_report_is_logged_and_does_not_fail_the_run(tmp_path, monkeypatch):
+    from cifarlab.report import build
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(build, "build_report", boom)
+    lines = []
+    assert build.after_training(tmp_path, model=None, dataset=None, final_eval=None, epoch=1, write_report=True, log=lines.append) is None
+    assert "disk full" in lines[0] and "cifarlab report" in lines[0]
+
+
+def test_train_has_a_no_report_flag():
+    from cifarlab.cli import build_parser
+
+    assert build_parser().parse_args(["train", "--no-report"]).no_report is True
+    assert build_parser().parse_args(["train"]).no_report is False
