@@ -2,6 +2,8 @@
 
 Every user error (bad flag, bad config value, missing data, unreadable checkpoint) ends
 as one line on stderr, ``cifarlab: error: ...``, and exit status 2, with no traceback.
+Training that stops itself (diverged, stuck at chance) exits 3 with advice; a run
+stopped by SIGINT/SIGTERM saves a checkpoint, says how to resume and exits 130/143.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from cifarlab.errors import CifarlabError
+from cifarlab.errors import CifarlabError, TrainingInterrupted
 
 EXIT_USAGE = 2
 
@@ -59,6 +61,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable | None, str]] = [
     ("--tta", "tta", str, "test-time augmentation: none | flip | flip-translate"),
     ("--seed", "seed", int, "random seed"),
     ("--out", "out", str, "run directory (default runs/<preset>-<timestamp>)"),
+    ("--save-every-steps", "save_every_steps", int, "also save checkpoints/last.pt every N steps mid-epoch (0: epoch ends only)"),
 ]
 
 
@@ -70,10 +73,26 @@ def _add_train_flags(p: argparse.ArgumentParser, model_choices: Sequence[str]) -
     for flag, key, typ, help_text in _TRAIN_FLAGS:
         extra: dict[str, Any] = {"choices": list(model_choices)} if key == "model" else {}
         p.add_argument(flag, dest=key, type=typ, default=None, help=help_text, **extra)
+    for flag, key, help_text in _SWITCHES:
+        p.add_argument(flag, dest=key, action="store_const", const=True, default=None, help=help_text)
+    for flag, key, help_text in _OFF_SWITCHES:
+        p.add_argument(flag, dest=key, action="store_const", const=False, default=None, help=help_text)
+
+
+# On/off flags that set a boolean config key to true (absent = keep the config's value).
+_SWITCHES: list[tuple[str, str, str]] = [
+    ("--compile", "compile", "torch.compile the training step (measure first: it can be slower on CPU)"),
+    ("--skip-bad", "skip_bad", "image folders: train without unreadable files (refused if more than 1% are bad)"),
+]
+# Flags that set a boolean config key to false.
+_OFF_SWITCHES: list[tuple[str, str, str]] = [
+    ("--no-stop-on-stall", "stop_on_stall", "only warn, instead of stopping, when training is stuck at chance"),
+]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, key) for _, key, _, _ in _TRAIN_FLAGS if getattr(args, key, None) is not None}
+    keys = [key for _, key, _, _ in _TRAIN_FLAGS] + [key for _, key, _ in _SWITCHES + _OFF_SWITCHES]
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
 
 
 def _default_preset() -> str:
@@ -87,14 +106,21 @@ def _default_preset() -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cifarlab import distributed
     from cifarlab.config import resolve_config
     from cifarlab.train import fit
 
     preset = args.preset
     if preset is None and args.config is None:
-        preset = _default_preset()
-    cfg = resolve_config(preset=preset, config_file=args.config, overrides=_overrides(args))
-    fit(cfg, resume=args.resume, report=not args.no_report)
+        preset = _default_preset()  # with --resume it only names runs/<preset>-* to search
+    # A resumed run continues its stored config: only the flags given explicitly are
+    # passed on, and fit() checks which of them may change.
+    overrides = _overrides(args)
+    cfg = resolve_config(preset=preset, config_file=args.config, overrides=overrides)
+    try:
+        fit(cfg, resume=args.resume, report=not args.no_report, resume_overrides=overrides if args.resume else None)
+    finally:
+        distributed.cleanup()  # leave a torchrun process group cleanly, also on errors
     return 0
 
 
@@ -307,15 +333,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cifarlab`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except TrainingInterrupted as exc:
+        # Not an error: the user asked to stop and the run is saved; say how to resume.
+        if _is_main_process():
+            print(f"cifarlab: {exc}", file=sys.stderr)
+        return exc.exit_code
     except CifarlabError as exc:
-        print(f"cifarlab: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        # Under torchrun every rank meets the same error; one copy of the line is enough.
+        if _is_main_process():
+            print(f"cifarlab: error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", EXIT_USAGE)
     except KeyboardInterrupt:
         print("cifarlab: interrupted", file=sys.stderr)
         return 130
