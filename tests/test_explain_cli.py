@@ -9,17 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_run import tiny_fit
+from tests.tiny_run import shared_run
 
 
 @pytest.fixture(scope="module")
 def explained(tmp_path_factory):
     from cifarlab.cli import main
 
-    root = tmp_path_factory.mktemp("explain")
-    run = tiny_fit(root / "run")
-    ckpt = run.run_dir / "checkpoints" / "last.pt"
-    out = root / "out"
+    ckpt = shared_run(tmp_path_factory) / "checkpoints" / "last.pt"
+    out = tmp_path_factory.mktemp("explain") / "out"
     rc = main(["explain", "--checkpoint", str(ckpt), "--misclassified", "12", "--correct", "6", "--out", str(out), "--device", "cpu"])
     assert rc == 0
     return ckpt, out

@@ -93,7 +93,7 @@ def _context():
     cfg = resolve_config(
         preset="fast",
         overrides=dict(
-            dataset="synthetic", num_classes=4, batch_size=32, limit_train=128, limit_test=32,
+            dataset="synthetic", num_classes=4, batch_size=16, limit_train=64, limit_test=16,
             device="cpu", dropout=0.3, augment="crop:2,flip,cutout:8", seed=3,
         ),
     )
@@ -115,8 +115,8 @@ def _train_three_steps(ctx, sweep: bool):
     if sweep:
         # Directly on the live optimizer whose step() the scheduler has patched, and via the
         # fit() entry point (fresh optimizer): neither may leak into the run.
-        lr_range_test(ctx.model, opt, ctx.train_loader, loss_fn=nn.CrossEntropyLoss(), device=ctx.device, steps=6)
-        find_lr_for_run(ctx, steps=6)
+        lr_range_test(ctx.model, opt, ctx.train_loader, loss_fn=nn.CrossEntropyLoss(), device=ctx.device, steps=5)
+        find_lr_for_run(ctx, steps=5)
     ctx.train_loader.set_epoch(0)
     run_epoch(ctx.model, itertools.islice(ctx.train_loader, 3), loss_fn=nn.CrossEntropyLoss(label_smoothing=0.2),
               device=ctx.device, optimizer=opt, scheduler=plan)
@@ -151,14 +151,14 @@ def test_lr_find_cli_prints_suggestion_and_saves_plot(tmp_path, capsys):
 
     out = tmp_path / "lrf"
     rc = main([
-        "lr-find", "--preset", "fast", "--dataset", "synthetic", "--num-classes", "4", "--batch-size", "32",
-        "--limit-train", "128", "--limit-test", "32", "--device", "cpu", "--steps", "12", "--out", str(out),
+        "lr-find", "--preset", "fast", "--dataset", "synthetic", "--num-classes", "4", "--batch-size", "16",
+        "--limit-train", "64", "--limit-test", "32", "--device", "cpu", "--steps", "8", "--out", str(out),
     ])
     text = capsys.readouterr().out
     assert rc == 0
     assert "suggested LR (valley)" in text and "One-Cycle bounds" in text and "SYNTHETIC" in text
     data = json.loads((out / "lr_find.json").read_text())
-    assert len(data["lrs"]) <= 12 and data["suggestion"] > 0
+    assert len(data["lrs"]) <= 8 and data["suggestion"] > 0
     assert set(data["onecycle"]) >= {"max_lr", "initial_lr", "final_lr"}
     assert (out / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["lr-find", "--dataset", "synthetic", "--steps", "2", "--out", str(out)]) == 2

@@ -9,13 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.tiny_run import tiny_fit
+from tests.tiny_run import shared_run
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    run = tiny_fit(tmp_path_factory.mktemp("predict") / "run", epochs=1)
-    return run.run_dir / "checkpoints" / "last.pt"
+    return shared_run(tmp_path_factory) / "checkpoints" / "last.pt"
 
 
 def _odd_images(folder):

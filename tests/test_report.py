@@ -11,13 +11,12 @@ import shutil
 import pytest
 
 from cifarlab.report.build import SECTIONS
-from tests.tiny_run import tiny_fit
+from tests.tiny_run import shared_run
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    run = tiny_fit(tmp_path_factory.mktemp("report") / "run", report=True, lr="auto")
-    return run.run_dir
+    return shared_run(tmp_path_factory)  # shared: read only here, copy before changing it
 
 
 def test_train_wrote_report_lr_find_and_predictions(run_dir):
@@ -77,15 +76,20 @@ def test_markdown_has_the_same_sections_and_pngs_beside_it(run_dir):
     assert not re.search(r"https?://", md)
 
 
-def test_report_command_rebuilds_from_the_run_dir(run_dir, capsys):
+def test_report_command_rebuilds_from_the_run_dir(run_dir, tmp_path, capsys):
     from cifarlab.cli import main
 
-    (run_dir / "report.html").unlink()
-    assert main(["report", str(run_dir), "--device", "cpu", "--misclassified", "4", "--correct", "2"]) == 0
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for name in ("report.html", "README.md"):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "report_files")
+    assert main(["report", str(copy), "--device", "cpu", "--misclassified", "4", "--correct", "2"]) == 0
     assert "report written to" in capsys.readouterr().out
-    html = (run_dir / "report.html").read_text()
+    html = (copy / "report.html").read_text()
     assert all(f'id="{sid}"' in html for sid, _ in SECTIONS)
-    assert len(json.loads((run_dir / "explain" / "explain.json").read_text())["correct"]) == 2
+    assert (copy / "README.md").is_file() and (copy / "report_files" / "lr_find.png").is_file()
+    assert len(json.loads((copy / "explain" / "explain.json").read_text())["correct"]) == 2
 
 
 def test_compare_puts_runs_on_one_page(run_dir, tmp_path, capsys):

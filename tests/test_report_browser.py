@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_run import tiny_fit
+from tests.tiny_run import shared_run
 
 pytestmark = pytest.mark.browser
 
@@ -41,8 +41,7 @@ def _browser_or_skip() -> str:
 @pytest.fixture(scope="module")
 def report_html(tmp_path_factory):
     _browser_or_skip()
-    run = tiny_fit(tmp_path_factory.mktemp("browser") / "run", report=True)
-    path = run.run_dir / "report.html"
+    path = shared_run(tmp_path_factory) / "report.html"
     assert path.is_file()
     return path
 
@@ -71,7 +70,7 @@ def test_report_renders_offline_in_chromium(report_html):
             page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         finally:
             browser.close()
-    assert len(images) >= 6  # curves, per-class, confusion, augmentations, 2 galleries
+    assert len(images) >= 7  # LR finder, curves, per-class, confusion, augmentations, 2 galleries
     for img in images:
         assert img["done"] and img["w"] > 0 and img["h"] > 0, img
     from cifarlab.report.build import SECTIONS

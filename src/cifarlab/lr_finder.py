@@ -443,7 +443,7 @@ def auto_lr(ctx, run_dir: str | Path, log: Callable[[str], None], *, total_steps
             return float(saved["suggestion"])
     steps = max(AUTO_MIN_STEPS, min(DEFAULT_STEPS, total_steps))
     log(f"lr auto: LR range test, {steps} steps from {DEFAULT_START:g} to {DEFAULT_END:g} on copies of the model")
-    result = find_lr_for_run(ctx, steps=steps, progress=progress)
+    result = find_lr_for_run(ctx, start=DEFAULT_START, end=DEFAULT_END, steps=steps, progress=progress)
     save_lr_find(result, run_dir)
     for line in result.summary().splitlines():
         log(line)
