@@ -262,6 +262,19 @@ def _figures(ckpt, cfg, dataset, metrics, expl, run_dir: Path, figure_png) -> li
     return out
 
 
+def faithfulness_verdict(f) -> str:
+    """One phrase reading a gallery's deletion check (see explain.faithfulness)."""
+    if f.n == 0:
+        return "no images"
+    if f.cam_drop <= 0:
+        # Masking can raise a prediction (a low-confidence model, or masked pixels that
+        # argued against the class): the map then shows nothing the prediction rests on.
+        return "masking the highlighted pixels does not lower the prediction"
+    if f.cam_drop > f.random_drop:
+        return "highlighted pixels matter more than random ones"
+    return "no better than masking random pixels"
+
+
 def _fmt_seconds(s: float) -> str:
     if s < 120:
         return f"{s:.1f} s"
@@ -309,7 +322,6 @@ def _context(ckpt, cfg, dataset, metrics, expl, summary, run_dir: Path) -> dict[
     faith = []
     for g in expl.galleries():
         f = g.faithfulness
-        meaningful = f.n > 0 and f.cam_drop > f.random_drop
         faith.append(
             {
                 "gallery": g.kind,
@@ -317,9 +329,7 @@ def _context(ckpt, cfg, dataset, metrics, expl, summary, run_dir: Path) -> dict[
                 "cam_drop": f.cam_drop,
                 "random_drop": f.random_drop,
                 "cam_wins": f.cam_wins,
-                "verdict": ("CAM-masked pixels matter more than random ones" if meaningful else "no better than random masking")
-                if f.n
-                else "no images",
+                "verdict": faithfulness_verdict(f),
             }
         )
     galleries = {
