@@ -311,6 +311,9 @@ def fit(
     dist = distributed.setup(resolve_device(cfg.device).type)
     main = dist.is_main
     ctx = build_context(cfg, progress=progress and main, dist=dist)
+    # Launch to data-on-device and model built; with a warm decode cache this is the
+    # start-up cost a user waits for before the first step (import time excluded).
+    ready_s = time.perf_counter() - launched
     model = ctx.model
     ckpt_dir = run_dir / "checkpoints"
     _main_then_agree(dist, lambda: _prepare_run_dir(run_dir, cfg, model, resuming=ckpt is not None))
@@ -324,6 +327,7 @@ def fit(
         f"model {cfg.model} ({cfg.norm} norm, {sum(p.numel() for p in ctx.model.parameters()):,} params) | "
         f"device {env['device']} ({env['device_name']}), precision {ctx.precision}"
         + (", channels_last" if ctx.channels_last else "")
+        + f" | ready in {ready_s:.1f}s"
         + (f" | {dist.world_size} processes ({dist.backend}), {cfg.batch_size // dist.world_size} images each per step" if dist.enabled else "")
     )
     skipped = getattr(ds, "skipped", ())
