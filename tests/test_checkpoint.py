@@ -108,3 +108,32 @@ def test_atomic_write_keeps_old_file_when_writer_fails(tmp_path):
         atomic_write(path, failing)
     assert path.read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left behind
+
+
+def test_a_full_disk_inside_torch_save_surfaces_as_oserror(tmp_path):
+    # Seen in CI: torch.save's zip writer gets ENOSPC, then its cleanup raises
+    # RuntimeError("unexpected pos ...") which would otherwise escape as a traceback.
+    import errno
+
+    path = tmp_path / "f.pt"
+    atomic_write(path, lambda f: f.write(b"good"))
+
+    def torch_save_on_a_disk_that_fills(f):
+        written = 0
+        real_write = f.write
+
+        def write(data):
+            nonlocal written
+            written += len(data)
+            if written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(data)
+
+        f.write = write
+        torch.save({"w": torch.zeros(10_000)}, f)
+
+    with pytest.raises(OSError) as info:
+        atomic_write(path, torch_save_on_a_disk_that_fills)
+    assert info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.pt"]

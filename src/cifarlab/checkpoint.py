@@ -61,14 +61,31 @@ def atomic_write(path: str | os.PathLike, write: "callable") -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        cause = _oserror_in_chain(exc)
+        if cause is not None and cause is not exc:
+            # torch.save hitting a full disk raises OSError inside its zip writer, whose
+            # cleanup then fails with a RuntimeError ("unexpected pos ...") that hides it.
+            # Callers turn OSError into a one-line "disk full, resume with ..." message.
+            raise cause from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _oserror_in_chain(exc: BaseException) -> OSError | None:
+    """The first OSError in ``exc``'s cause/context chain (``exc`` itself included)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 class NonFiniteStateError(CifarlabError):
