@@ -154,6 +154,14 @@ def test_masks_cover_exactly_the_fraction():
     assert (r.flatten(1).sum(1) == k).all() and torch.equal(r, random_mask((4, 32, 32), 0.2))
 
 
+def test_random_mask_is_blobs_like_a_cam_mask_not_scattered_pixels():
+    # Scattered pixels would give ~20% of mask pixels a masked right-hand neighbour.
+    r = random_mask((16, 32, 32), 0.2)
+    neighbours = (r[:, :, :-1] & r[:, :, 1:]).sum() / r[:, :, :-1].sum()
+    assert neighbours > 0.6
+    assert not torch.equal(r[0], r[1])  # a different blob pattern per image
+
+
 class _CornerModel(nn.Module):
     """Class 0's logit is the mean of the top-left 10x10 corner; class 1's is its negative."""
 

@@ -126,3 +126,17 @@ def test_train_has_a_no_report_flag():
 
     assert build_parser().parse_args(["train", "--no-report"]).no_report is True
     assert build_parser().parse_args(["train"]).no_report is False
+
+
+def test_faithfulness_verdict_needs_a_clear_majority_not_just_a_higher_mean():
+    from cifarlab.explain.faithfulness import Faithfulness
+    from cifarlab.report.build import faithfulness_verdict
+
+    def f(cam, rnd, wins):
+        return faithfulness_verdict(Faithfulness(n=20, fraction=0.2, cam_drop=cam, random_drop=rnd, cam_wins=wins))
+
+    assert f(0.4, 0.1, 0.9) == "highlighted pixels matter more than random blobs"
+    assert f(0.28, 0.25, 0.5).startswith("mixed") and "50%" in f(0.28, 0.25, 0.5)
+    assert f(0.1, 0.3, 0.2) == "no better than masking random blobs"
+    assert f(-0.05, 0.1, 0.0) == "masking the highlighted pixels does not lower the prediction"
+    assert faithfulness_verdict(Faithfulness(n=0, fraction=0.2, cam_drop=0, random_drop=0, cam_wins=0)) == "no images"

@@ -210,7 +210,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         f = g.faithfulness
         print(
             f"{g.kind}: {len(g.selection)} images; masking the top {f.fraction:.0%} CAM pixels drops "
-            f"p(predicted) by {f.cam_drop:.3f} vs {f.random_drop:.3f} for random pixels"
+            f"p(predicted) by {f.cam_drop:.3f} vs {f.random_drop:.3f} for random blobs"
         )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -3,9 +3,14 @@
 For each image, the most-highlighted ``fraction`` of pixels (by the CAM of the predicted
 class) are set to the dataset mean -- zero after normalisation, the same fill the
 training augmentations use -- and the drop in the predicted class's probability is
-measured. The same is done with an equal number of random pixels. A CAM that points
-at the evidence the model uses causes a clearly larger drop than random masking; one
-that is noise does not.
+measured. The same is done with an equal number of pixels in random blobs. A CAM that
+points at the evidence the model uses causes a clearly larger drop than random masking;
+one that is noise does not.
+
+The random mask is shaped like a CAM mask -- the top ``fraction`` of a coarse random map
+upsampled bilinearly -- not scattered single pixels: salt-and-pepper holes all over the
+image are far from anything a CNN saw in training and hurt every prediction more than
+one contiguous hole does, so they made even good maps look "no better than random".
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from torch import nn
 
 # Fixed so reports are reproducible; a private generator keeps the global RNG untouched.
 _RANDOM_MASK_SEED = 1234
+# Side of the coarse random map behind the random mask: the default CAM layers give
+# 8x8 (ResNets' layer3) to 16x16 maps on 32x32 inputs, so 8x8 blobs are no finer than a CAM.
+_RANDOM_GRID = 8
 
 
 @dataclass(frozen=True)
@@ -26,7 +34,7 @@ class Faithfulness:
     n: int
     fraction: float
     cam_drop: float  # mean drop when the top-CAM pixels are masked
-    random_drop: float  # mean drop when as many random pixels are masked
+    random_drop: float  # mean drop when as many pixels in random blobs are masked
     cam_wins: float  # share of images where the CAM mask hurts more than the random one
 
     def to_dict(self) -> dict:
@@ -44,13 +52,19 @@ def top_fraction_mask(cams: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask.view_as(cams)
 
 
-def random_mask(shape: tuple[int, int, int], fraction: float, seed: int = _RANDOM_MASK_SEED) -> torch.Tensor:
-    """(B, H, W) bool with exactly ``fraction`` of each image's pixels set, at random."""
+def random_mask(
+    shape: tuple[int, int, int], fraction: float, seed: int = _RANDOM_MASK_SEED, grid: int = _RANDOM_GRID
+) -> torch.Tensor:
+    """(B, H, W) bool with exactly ``fraction`` of each image's pixels set, in random blobs.
+
+    Built like a CAM mask: uniform noise on a ``grid`` x ``grid`` map, upsampled
+    bilinearly to (H, W), then its top ``fraction`` (:func:`top_fraction_mask`).
+    """
     b, h, w = shape
     g = torch.Generator().manual_seed(seed)
-    k = max(1, round(fraction * h * w))
-    order = torch.rand(b, h * w, generator=g).argsort(1)[:, :k]
-    return torch.zeros(b, h * w, dtype=torch.bool).scatter_(1, order, True).view(b, h, w)
+    coarse = torch.rand(b, 1, min(grid, h), min(grid, w), generator=g)
+    smooth = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    return top_fraction_mask(smooth[:, 0], fraction)
 
 
 @torch.inference_mode()
@@ -70,7 +84,7 @@ def deletion_check(
     fraction: float = 0.2,
     batch_size: int = 256,
 ) -> Faithfulness:
-    """Probability drop of ``classes`` when the top-``fraction`` CAM pixels vs random pixels are masked.
+    """Probability drop of ``classes`` when the top-``fraction`` CAM pixels vs random blobs are masked.
 
     ``images`` are normalised (B, 3, H, W) inputs on the model's device; ``cams`` (B, H, W)
     at image resolution. The model runs in eval mode (restored afterwards), fp32.
