@@ -23,7 +23,8 @@ from torch import nn
 # Fixed so reports are reproducible; a private generator keeps the global RNG untouched.
 _RANDOM_MASK_SEED = 1234
 # Side of the coarse random map behind the random mask: the default CAM layers give
-# 8x8 (ResNets' layer3) to 16x16 maps on 32x32 inputs, so 8x8 blobs are no finer than a CAM.
+# 8x8 (ResNets' layer3) to 15x15 (fast nets' group1) maps on 32x32 inputs, so 8x8 blobs are
+# no finer than a CAM.
 _RANDOM_GRID = 8
 
 
