@@ -26,16 +26,21 @@ from cifarlab.guards import (
 
 
 def test_stop_signals_defers_sigint_and_sigterm_and_restores_handlers():
-    before = signal.getsignal(signal.SIGINT)
-    notes = []
-    with StopSignals(notify=notes.append) as stop:
-        os.kill(os.getpid(), signal.SIGINT)  # a real signal, not a KeyboardInterrupt
-        os.kill(os.getpid(), signal.SIGTERM)  # a second one is deferred as well
-        assert stop.signum == signal.SIGINT and stop.name == "SIGINT"
-    assert len(notes) == 2 and "again" in notes[1]
-    assert signal.getsignal(signal.SIGINT) is before
-    with pytest.raises(KeyboardInterrupt):  # Ctrl-C works normally again afterwards
-        os.kill(os.getpid(), signal.SIGINT)
+    # Python's own Ctrl-C handler, whatever pytest inherited: a shell's background job
+    # (`cmd &`) starts with SIGINT ignored, and then no KeyboardInterrupt could be seen.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        notes = []
+        with StopSignals(notify=notes.append) as stop:
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal, not a KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one is deferred as well
+            assert stop.signum == signal.SIGINT and stop.name == "SIGINT"
+        assert len(notes) == 2 and "again" in notes[1]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C works normally again afterwards
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_chance_levels():
