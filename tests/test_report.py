@@ -140,3 +140,31 @@ def test_faithfulness_verdict_needs_a_clear_majority_not_just_a_higher_mean():
     assert f(0.1, 0.3, 0.2) == "no better than masking random blobs"
     assert f(-0.05, 0.1, 0.0) == "masking the highlighted pixels does not lower the prediction"
     assert faithfulness_verdict(Faithfulness(n=0, fraction=0.2, cam_drop=0, random_drop=0, cam_wins=0)) == "no images"
+
+
+def test_report_of_a_run_whose_dataset_moved_takes_data(tmp_path, cli):
+    import numpy as np
+    from PIL import Image
+
+    from tests.tiny_run import tiny_fit
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "images"
+    for split, n in (("train", 16), ("test", 8)):
+        for label in ("a", "b"):
+            (data / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(data / split / label / f"{i}.png")
+    run = tmp_path / "run"
+    tiny_fit(run, dataset="imagefolder", data=str(data), epochs=1, limit_train=None, limit_test=None)
+    assert not (run / "report.html").exists()  # trained without one: the one below is new
+    moved = data.rename(tmp_path / "moved")
+
+    lost = cli("report", str(run))
+    assert lost.returncode == 2 and len(lost.stderr.strip().splitlines()) == 1, lost.stderr[-2000:]
+    assert str(data) in lost.stderr
+    found = cli("report", str(run), "--data", str(moved))
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert (run / "report.html").is_file() and (run / "explain" / "cams.npz").is_file()
+    assert cli("report", "--compare", str(run), str(run), "--data", str(moved)).returncode == 2

@@ -234,6 +234,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.compare:
         if args.run_dir:
             raise CifarlabError("give either RUN_DIR or --compare RUN_DIR..., not both")
+        if args.data:
+            raise CifarlabError("--data goes with one RUN_DIR, not with --compare")
         from cifarlab.report.compare import compare_runs
 
         print(f"comparison written to {compare_runs(args.compare, args.out, device=args.device)}")
@@ -245,6 +247,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     build_report(
         args.run_dir,
         device=args.device,
+        data=args.data,
         n_misclassified=args.misclassified,
         n_correct=args.correct,
         layer=args.layer,
@@ -328,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--misclassified", type=int, default=20, metavar="N", help="misclassified images to explain (20)")
     p.add_argument("--correct", type=int, default=10, metavar="N", help="correct images to explain (10)")
     p.add_argument("--layer", help="Grad-CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--data", metavar="DIR", help="the run's dataset, if it moved since training (default: its config's path)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_report)
     return parser

@@ -110,6 +110,7 @@ def build_report(
     logits: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     device: str | None = None,
+    data: str | None = None,
     n_misclassified: int = 20,
     n_correct: int = 10,
     layer: str | None = None,
@@ -119,7 +120,8 @@ def build_report(
 
     ``model``/``dataset``/``logits``/``targets`` (all from the same final model) skip
     reloading; without them the model comes from ``checkpoints/last.pt`` and the data from
-    the run's config. The explanation files also land in ``RUN_DIR/explain/``.
+    the run's config, or from ``data`` when the dataset has moved since training. The
+    explanation files also land in ``RUN_DIR/explain/``.
     """
     from cifarlab.checkpoint import read_checkpoint
     from cifarlab.explain.galleries import explain_predictions, write_explanation
@@ -144,7 +146,8 @@ def build_report(
     if model is None or dataset is None:
         from cifarlab.evaluate import load_for_inference
 
-        run = load_for_inference(str(ckpt_path), {"device": device} if device else None)
+        overrides = {key: value for key, value in (("device", device), ("data", data)) if value}
+        run = load_for_inference(str(ckpt_path), overrides or None)
         model, dataset, channels_last = run.model, run.dataset, run.channels_last
     else:
         run = None
