@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     out = {}
-    mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) if args.device == "cpu" else None
+    from cifarlab.engine import cpu_has_fast_bf16  # the same test --precision auto uses
+
+    mkldnn_bf16 = cpu_has_fast_bf16() if args.device == "cpu" else None
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         # emulated bf16 (no native support) can be ~25x slower: a smaller matrix keeps it short
         n = args.n // 2 if name == "bf16" and mkldnn_bf16 is False else args.n
