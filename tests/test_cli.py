@@ -164,3 +164,19 @@ def test_bad_config_file_rejected_before_data(cli, tmp_path):
     proc = cli("train", "--config", str(cfg), cwd=tmp_path)
     assert proc.returncode == 2
     assert "unknown config key 'learning_rate'" in proc.stderr
+
+
+def test_holdout_evaluates_on_held_out_train_images_and_says_so(cli, tmp_path):
+    """--holdout N tunes without the test split: N training images become the eval split,
+    and every output says "holdout" instead of "test"."""
+    out = tmp_path / "h"
+    args = [a for a in TINY if a not in ("--limit-test", "256")]
+    proc = cli("train", "--preset", "fast", *args, "--holdout", "200", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    assert "768 train / 200 holdout images (held out of train; the test split is not used)" in log
+    assert "holdout loss" in log and "final holdout acc" in log
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["eval_split"] == "holdout" for r in rows)
+    assert "200 holdout images (held out of train" in (out / "README.md").read_text()
+    assert read_checkpoint(out / "checkpoints" / "last.pt")["config"]["holdout"] == 200

@@ -495,6 +495,21 @@ def test_take_is_balanced_deterministic_and_nested():
     assert len(split.take(0)) == 0
 
 
+def test_hold_out_splits_train_into_disjoint_balanced_parts():
+    split = make_split([i % 10 for i in range(1000)])
+    rest, held = split.hold_out(100)
+    rest_ids, held_ids = split_ids(rest.images), split_ids(held.images)
+    assert len(held) == 100 and len(rest) == 900
+    assert set(rest_ids.tolist()).isdisjoint(held_ids.tolist())
+    assert sorted(rest_ids.tolist() + held_ids.tolist()) == list(range(1000)), "every image lands in one part"
+    assert torch.equal(torch.bincount(held.labels, minlength=10), torch.full((10,), 10))
+    assert torch.equal(held.images, split.take(100).images), "the held-out part is take(n)"
+    assert torch.equal(rest_ids, rest_ids.sort().values), "original order is kept"
+    for bad in (0, 1000, -5):
+        with pytest.raises(CifarlabError, match="hold out"):
+            split.hold_out(bad)
+
+
 def test_take_with_imbalanced_classes_uses_all_of_the_small_class():
     split = make_split([0] * 3 + [1] * 50 + [2] * 50)
     sub = split.take(30)

@@ -56,6 +56,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable | None, str]] = [
     ("--augment", "augment", str, "e.g. 'crop:4,flip,cutout:16,rotate:5' or 'none'"),
     ("--limit-train", "limit_train", int, "use a class-balanced subset of N training images"),
     ("--limit-test", "limit_test", int, "use a class-balanced subset of N test images"),
+    ("--holdout", "holdout", int, "hold out N class-balanced training images and evaluate on them instead of the test split (for tuning)"),
     ("--device", "device", str, "auto | cpu | cuda"),
     ("--precision", "precision", str, "auto | fp32 | bf16 | fp16 (auto: bf16 where it is fast)"),
     ("--tta", "tta", str, "test-time augmentation: none | flip | flip-translate"),

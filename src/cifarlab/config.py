@@ -44,6 +44,9 @@ class TrainConfig:
     synthetic_test: int = 1000
     limit_train: int | None = None  # class-balanced subset, for quick experiments
     limit_test: int | None = None
+    # Hold out N class-balanced training images and evaluate on them instead of the test
+    # split: tune a recipe here, keep the test split for final figures. 0 = off.
+    holdout: int = 0
     augment: str = "crop:4,flip,cutout:16"  # see AugmentSpec.parse
     # --- model
     model: str = "resnet18"
@@ -110,6 +113,7 @@ _BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "synthetic_test": (1, None, True),
     "limit_train": (1, None, True),
     "limit_test": (1, None, True),
+    "holdout": (0, None, True),
     "dropout": (0.0, 0.999, True),
     "epochs": (1, 100_000, True),
     "batch_size": (1, 1_000_000, True),

@@ -124,7 +124,11 @@ class RunLog:
 
 
 def load_data(cfg: TrainConfig, progress: bool = False):
-    """The dataset the config names, with --limit-train/--limit-test applied."""
+    """The dataset the config names, with --holdout, then --limit-train/--limit-test applied.
+
+    With ``holdout`` the returned ``test`` split is the held-out part of train
+    (``eval_split == "holdout"``); the real test split is not used.
+    """
     from cifarlab.data import load_dataset
 
     ds = load_dataset(
@@ -137,6 +141,9 @@ def load_data(cfg: TrainConfig, progress: bool = False):
         progress=progress,
         skip_bad=cfg.skip_bad,
     )
+    if cfg.holdout:
+        rest, held = ds.train.hold_out(cfg.holdout)
+        ds = replace(ds, train=rest, test=held, eval_split="holdout")
     if cfg.limit_train or cfg.limit_test:
         ds = replace(ds, train=ds.train.take(cfg.limit_train), test=ds.test.take(cfg.limit_test))
     return ds
@@ -323,7 +330,9 @@ def fit(
     data_words = "SYNTHETIC data (procedurally generated, not CIFAR-10)" if ds.synthetic else f"{ds.name} data at {ds.root}"
     log(f"cifarlab {__version__} | run dir {run_dir}")
     log(
-        f"{data_words}: {len(ds.train)} train / {len(ds.test)} test images, {len(ds.classes)} classes | "
+        f"{data_words}: {len(ds.train)} train / {len(ds.test)} {ds.eval_split} images"
+        + (" (held out of train; the test split is not used)" if ds.eval_split != "test" else "")
+        + f", {len(ds.classes)} classes | "
         f"model {cfg.model} ({cfg.norm} norm, {sum(p.numel() for p in ctx.model.parameters()):,} params) | "
         f"device {env['device']} ({env['device_name']}), precision {ctx.precision}"
         + (", channels_last" if ctx.channels_last else "")
@@ -541,6 +550,8 @@ def fit(
                 "elapsed": round(elapsed_before + time.perf_counter() - launched, 3),
                 "tta": tta,
             }
+            if ds.eval_split != "test":  # test_* columns then hold held-out-train numbers
+                row["eval_split"] = ds.eval_split
             if scaler is not None:
                 row["amp_skipped_steps"] = amp_skipped_epoch
             if ds.synthetic:
@@ -550,7 +561,7 @@ def fit(
                 _append_metrics(run_dir, row, saver)
             log(
                 f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {tr_loss:.4f} acc {tr_acc:6.2%}  "
-                f"test loss {te.loss:.4f} acc {te.accuracy:6.2%}  lr {row['lr']:.3g}  {row['seconds']:.1f}s"
+                f"{ds.eval_split} loss {te.loss:.4f} acc {te.accuracy:6.2%}  lr {row['lr']:.3g}  {row['seconds']:.1f}s"
             )
             if scaler is not None and amp_skipped_epoch:
                 log(
@@ -589,7 +600,7 @@ def fit(
     if result.history:
         last = result.history[-1]
         log(
-            f"done in {result.seconds:.1f}s: final test acc {last['test_acc']:.2%}, "
+            f"done in {result.seconds:.1f}s: final {ds.eval_split} acc {last['test_acc']:.2%}, "
             f"best {result.best_acc:.2%} at epoch {result.best_epoch}"
             + (" (SYNTHETIC data)" if ds.synthetic else "")
         )

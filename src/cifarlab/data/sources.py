@@ -117,13 +117,31 @@ class Split:
         result never depends on anything but the split itself. Selected samples keep
         their original order.
         """
-        total = len(self)
-        if n is None or n >= total:
+        if n is None or n >= len(self):
             return self
+        chosen = self._balanced_indices(n)
+        return Split(self.images[chosen], self.labels[chosen])
+
+    def hold_out(self, n: int) -> tuple["Split", "Split"]:
+        """``(rest, held)``: ``held`` is ``take(n)``, ``rest`` every other sample (original order).
+
+        For tuning on a validation set carved out of train: the same ``n`` always holds
+        out the same images, whatever the seed, so runs with different seeds compare.
+        """
+        if not 0 < n < len(self):
+            raise CifarlabError(f"cannot hold out {n} of {len(self)} training images; use 1..{len(self) - 1}")
+        chosen = self._balanced_indices(n)
+        keep = torch.ones(len(self), dtype=torch.bool)
+        keep[chosen] = False
+        return Split(self.images[keep], self.labels[keep]), Split(self.images[chosen], self.labels[chosen])
+
+    def _balanced_indices(self, n: int) -> torch.Tensor:
+        """Sorted indices of the class-balanced subset of size ``n`` (see :meth:`take`)."""
+        total = len(self)
         if n < 0:
             raise CifarlabError(f"subset size must be >= 0, got {n}")
         if n == 0:
-            return Split(self.images[:0], self.labels[:0])
+            return torch.zeros(0, dtype=torch.long)
         g = torch.Generator().manual_seed(_TAKE_SEED)
         perm = torch.randperm(total, generator=g)
         lab = self.labels[perm]
@@ -135,7 +153,7 @@ class Split:
         num_classes = int(counts.numel())
         round_robin = torch.argsort(rank * num_classes + grouped, stable=True)[:n]
         chosen, _ = torch.sort(perm[order[round_robin]])
-        return Split(self.images[chosen], self.labels[chosen])
+        return chosen
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,9 @@ class Dataset:
     std: tuple[float, float, float]
     synthetic: bool
     skipped: tuple[str, ...] = ()  # unreadable files left out by skip_bad (image folders)
+    # What ``test`` holds: the real test split, or "holdout" images carved out of train
+    # (``--holdout N``) so a recipe can be tuned without looking at the test split.
+    eval_split: str = "test"
 
     @property
     def num_classes(self) -> int:

@@ -365,6 +365,7 @@ def _context(ckpt, cfg, dataset, metrics, expl, summary, run_dir: Path) -> dict[
         "data_words": data_words,
         "n_train": len(dataset.train),
         "n_test": len(dataset.test),
+        "eval_split": getattr(dataset, "eval_split", "test"),
         "model_name": ckpt["model"]["name"],
         "epoch": int(ckpt.get("epoch", 0)),
         "final_tta": history[-1].get("tta", cfg.tta) if history else cfg.tta,
