@@ -226,6 +226,8 @@ def test_cuda_matches_semantics_without_host_sync():
         (" Crop:2 , FLIP ", AugmentSpec(crop_pad=2, flip=True)),
         ("cutout:8,crop:0", AugmentSpec(cutout=8)),
         ("rotate:2.5", AugmentSpec(rotate=2.5)),
+        ("translate:2,flip:alt", AugmentSpec(crop_pad=2, crop_reflect=True, flip=True, flip_alternate=True)),
+        ("translate", AugmentSpec(crop_pad=4, crop_reflect=True)),
     ],
 )
 def test_parse_good(text, expected):
@@ -236,7 +238,8 @@ def test_parse_good(text, expected):
 
 @pytest.mark.parametrize(
     "text",
-    ["blur", "crop:x", "crop:-1", "crop:2.5", "cutout:", "flip:1", "crop,crop", "rotate:500", "rotate:nan", "none,flip", "crop;flip"],
+    ["blur", "crop:x", "crop:-1", "crop:2.5", "cutout:", "flip:1", "crop,crop", "rotate:500", "rotate:nan", "none,flip", "crop;flip",
+     "crop:2,translate:2", "flip:always", "translate:x"],
 )
 def test_parse_bad_raises_cifarlab_error(text):
     with pytest.raises(CifarlabError):
@@ -248,3 +251,33 @@ def test_constructor_validates():
         AugmentSpec(crop_pad=-1)
     with pytest.raises(CifarlabError):
         AugmentSpec(rotate=-3.0)
+
+
+def test_translate_is_a_window_of_the_reflect_padded_input():
+    pad = 2
+    x = positive_batch(128)
+    out = augment_batch(x, AugmentSpec.parse(f"translate:{pad}"), gen(4))
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    side = 2 * pad + 1
+    seen = set()
+    for i in range(x.shape[0]):
+        hits = [(a, b) for a in range(side) for b in range(side) if torch.equal(out[i], padded[i, :, a : a + 32, b : b + 32])]
+        assert hits, f"sample {i} is not a window of the reflect-padded image"
+        seen.add(hits[0])
+    assert len(seen) > side, "offsets vary per sample"
+    assert (out != 0).all(), "reflection, not zeros, fills the border"
+
+
+def test_translate_wider_than_the_image_is_refused():
+    with pytest.raises(CifarlabError, match="translate:8"):
+        augment_batch(torch.rand(2, 3, 8, 8), AugmentSpec.parse("translate:8"), gen(0))
+
+
+def test_alternate_flip_uses_the_given_flips_and_needs_them():
+    x = positive_batch(16)
+    spec = AugmentSpec.parse("flip:alt")
+    flips = torch.arange(16) % 3 == 0
+    out = augment_batch(x, spec, gen(0), flips=flips)
+    assert torch.equal(out[flips], x[flips].flip(-1)) and torch.equal(out[~flips], x[~flips])
+    with pytest.raises(ValueError, match="flip:alt"):
+        augment_batch(x, spec, gen(0))

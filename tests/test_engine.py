@@ -124,3 +124,52 @@ def test_confusion_and_per_class():
     cm = confusion_matrix(preds, targets, 3)
     assert cm.tolist() == [[1, 0, 1], [0, 1, 0], [0, 1, 2]]
     assert per_class_accuracy(cm) == pytest.approx([0.5, 1.0, 2 / 3])
+
+
+# ------------------------------------------------------------------------------ Muon
+
+
+def test_orthogonalize_flattens_the_singular_values():
+    from cifarlab.optim import orthogonalize
+
+    torch.manual_seed(0)
+    for shape in ((16, 72), (72, 16)):
+        # badly conditioned on purpose: singular values spread over three decades
+        u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0]))
+        v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1]))
+        k = min(shape)
+        g = u[:, :k] @ torch.diag(torch.logspace(0, -3, k)) @ v[:, :k].T
+        s = torch.linalg.svdvals(orthogonalize(g))
+        # five steps do not converge exactly (by design): a condition number of 1000 comes
+        # out below 4, every singular value within [0.3, 1.3]
+        assert s.shape == (k,) and s.min() > 0.3 and s.max() < 1.3, s
+        assert s.max() / s.min() < 4
+
+
+def test_muon_groups_filters_and_keeps_their_norm_fixed():
+    net = _net()
+    opt = build_optimizer(net, "muon", lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-3, bias_lr_scale=4, muon_lr=0.2, muon_momentum=0.6)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert [p.ndim for p in groups["filters"]["params"]] == [4] and groups["filters"]["muon"]
+    assert groups["filters"]["lr"] == 0.2 and groups["filters"]["momentum"] == 0.6
+    assert all(p.ndim == 2 for p in groups["weights"]["params"]) and groups["weights"]["momentum"] == 0.85
+    assert groups["biases"]["lr"] == pytest.approx(0.4)
+    x = torch.randn(32, 3, 8, 8)
+    y = x.mean((2, 3)).argmax(1)  # learnable: the brightest channel
+    before = net[0].weight.detach().clone()
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    w = net[0].weight.detach()
+    assert not torch.equal(w, before)
+    # renormalised to sqrt(out) before each step, then moved by an lr-sized orthogonal update
+    assert abs(w.norm().item() - 2.0) < 0.2 * 2
+    assert losses[-1] < 0.5 * losses[0], losses
+    state = opt.state_dict()
+    again = build_optimizer(_net(), "muon", lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-3, bias_lr_scale=4, muon_lr=0.2, muon_momentum=0.6)
+    again.load_state_dict(state)
+    assert torch.equal(again.state_dict()["state"][0]["momentum_buffer"], state["state"][0]["momentum_buffer"])

@@ -307,3 +307,18 @@ def test_soak_random_kill_points(tmp_path):
                           capture_output=True, text=True, timeout=3600)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0 and summary["passed"] == summary["trials"] == 6, summary["failed"]
+
+
+def test_muon_with_alternating_flips_resumes_bitwise_identical(tmp_path):
+    """The Muon optimizer's state and flip:alt's per-image flips survive a mid-epoch kill."""
+    recipe = ["--optimizer", "muon", "--augment", "translate:2,flip:alt"]
+    ref = tmp_path / "ref"
+    proc = train(ref, *recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_checkpoint(ref / "checkpoints" / "last.pt")["optimizer"]["param_groups"][0]["muon"]
+    out = tmp_path / "run"
+    step = _RNG.randrange(4, STEPS)
+    proc = train(out, *recipe, fault=f"kill@step={step}")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    resume(out)
+    assert_same_run(ref, out, f"(muon, killed after step {step}; CIFARLAB_TEST_SEED={_SEED})")

@@ -108,8 +108,6 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any], *, check_f
         from cifarlab.guards import nonfinite_entries
 
         tensors = list(payload.get("state_dict", {}).items())
-        for key in ("ema_state_dict",):
-            tensors += [(f"{key}.{k}", v) for k, v in (payload.get(key) or {}).items()]
         for i, state in (payload.get("optimizer") or {}).get("state", {}).items():
             tensors += [(f"optimizer.{i}.{k}", v) for k, v in state.items()]
         bad = nonfinite_entries(tensors)
@@ -204,7 +202,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The metadata part of a checkpoint: everything but weights and optimizer state."""
-    skip = {"state_dict", "optimizer", "scheduler", "scaler", "rng", "ema_state_dict"}
+    skip = {"state_dict", "optimizer", "scheduler", "scaler", "rng"}
     return {k: v for k, v in ckpt.items() if k not in skip}
 
 
@@ -214,7 +212,7 @@ def build_model(ckpt: dict[str, Any]) -> nn.Module:
 
     spec = ckpt["model"]
     model = create_model(spec["name"], **spec["kwargs"])
-    weights = ckpt.get("ema_state_dict") or ckpt["state_dict"]
+    weights = ckpt["state_dict"]
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
@@ -233,10 +231,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]
 
 
 def export_safetensors(path: str | os.PathLike, ckpt: dict[str, Any]) -> None:
-    """Write the checkpoint's (EMA if present) weights as safetensors with a JSON description."""
+    """Write the checkpoint's weights as safetensors with a JSON description."""
     from safetensors.torch import save
 
-    weights = ckpt.get("ema_state_dict") or ckpt["state_dict"]
+    weights = ckpt["state_dict"]
     meta = {k: v for k, v in describe(ckpt).items() if k in ("model", "classes", "mean", "std", "config", "dataset", "epoch", "metrics", "versions")}
     tensors = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     blob = save(tensors, metadata={_META_KEY: json.dumps(meta)})

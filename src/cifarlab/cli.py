@@ -47,7 +47,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable | None, str]] = [
     ("--batch-size", "batch_size", int, "training batch size"),
     ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
     ("--lr", "lr", _lr, "peak learning rate, or 'auto' to run the LR finder first"),
-    ("--optimizer", "optimizer", str, "sgd | adam | adamw"),
+    ("--optimizer", "optimizer", str, "sgd | adam | adamw | muon (Muon for conv filters, SGD for the rest)"),
     ("--momentum", "momentum", float, "SGD momentum / Adam beta1"),
     ("--scheduler", "scheduler", str, "onecycle | plateau | cosine | constant"),
     ("--weight-decay", "weight_decay", float, "weight decay (L2 for sgd/adam, decoupled for adamw)"),

@@ -22,7 +22,7 @@ from cifarlab.errors import CifarlabError
 
 DATASETS = ("cifar10", "imagefolder", "synthetic")
 NORMS = ("batch", "group", "layer")
-OPTIMIZERS = ("sgd", "adam", "adamw")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon")
 SCHEDULERS = ("onecycle", "plateau", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,7 +72,11 @@ class TrainConfig:
     final_div_factor: float = 1e4  # One-Cycle: final LR = initial / final_div_factor
     plateau_factor: float = 0.1  # ReduceLROnPlateau on test loss
     plateau_patience: int = 3
-    ema: float = 0.0  # EMA decay of weights used for evaluation; 0 = off
+    # optimizer = "muon": the conv filters train with orthogonalised updates at this peak
+    # LR (an angle per step: the filters' norm is held fixed) and momentum; everything
+    # else uses SGD with lr/momentum/weight_decay/bias_lr_scale above.
+    muon_lr: float = 0.24
+    muon_momentum: float = 0.6
     # --- evaluation
     tta: str = "none"  # test-time augmentation at evaluation
     # --- system
@@ -128,7 +132,8 @@ _BOUNDS: dict[str, tuple[float, float | None, bool]] = {
     "final_div_factor": (1.0, 1e12, True),
     "plateau_factor": (0.0, 1.0, False),
     "plateau_patience": (0, 10_000, True),
-    "ema": (0.0, 0.999999, True),
+    "muon_lr": (0.0, 10.0, False),
+    "muon_momentum": (0.0, 0.999, True),
     "seed": (0, 2**63 - 1, True),
     "log_every": (1, 1_000_000, True),
     "save_every_steps": (0, 1_000_000_000, True),
@@ -232,6 +237,11 @@ def _cross_check(cfg: TrainConfig) -> None:
         pass  # nesterov is ignored for Adam-style optimizers
     if cfg.optimizer == "sgd" and cfg.nesterov and cfg.momentum == 0:
         raise CifarlabError("config: nesterov=true needs momentum > 0")
+    if cfg.optimizer == "muon" and cfg.lr == "auto":
+        raise CifarlabError(
+            "config: lr='auto' is not available with optimizer='muon' (the LR finder sweeps one LR; "
+            "Muon's filters use muon_lr); give lr as a number"
+        )
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -290,9 +300,16 @@ def resolve_config(
     return cfg
 
 
+# Keys older runs stored that no longer exist, with the only value they ever took effect
+# with: ``ema`` was accepted but never implemented, so a stored 0.0 (the default) is
+# dropped when such a run is read back; anything else is still an error.
+_RETIRED_KEYS = {"ema": 0.0}
+
+
 def config_from_dict(values: Mapping[str, Any], source: str = "checkpoint") -> TrainConfig:
     """Rebuild a TrainConfig from a stored dict (checkpoint or config.toml)."""
-    return TrainConfig(**validate_mapping(dict(values), source))
+    values = {k: v for k, v in values.items() if not (k in _RETIRED_KEYS and v == _RETIRED_KEYS[k])}
+    return TrainConfig(**validate_mapping(values, source))
 
 
 def to_toml(cfg: TrainConfig) -> str:

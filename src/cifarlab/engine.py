@@ -74,17 +74,27 @@ def resolve_channels_last(setting: str, device: torch.device) -> bool:
 # -------------------------------------------------------------------------- optimizer
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float, muon_lr: float | None = None
+) -> list[dict]:
     """Split trainable params into weights (ndim > 1) and biases/norm affines (ndim <= 1).
 
     With ``bias_lr_scale`` s != 1 the 1-d group gets lr*s and weight_decay/s, keeping the
     per-step decay lr*wd unchanged (airbench's bias_scaler). Frozen params are skipped.
+    With ``muon_lr`` the conv filters (ndim 4) form a third group, ``muon=True``, at that LR.
     """
-    weights, biases = [], []
+    filters, weights, biases = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (weights if p.ndim > 1 else biases).append(p)
-    groups = [{"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"}]
+            if muon_lr is not None and p.ndim == 4:
+                filters.append(p)
+            else:
+                (weights if p.ndim > 1 else biases).append(p)
+    groups = []
+    if filters:
+        groups.append({"params": filters, "lr": muon_lr, "weight_decay": 0.0, "name": "filters", "muon": True})
+    if weights or not groups:
+        groups.append({"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"})
     if biases:
         groups.append(
             {
@@ -106,9 +116,21 @@ def build_optimizer(
     nesterov: bool,
     weight_decay: float,
     bias_lr_scale: float = 1.0,
+    muon_lr: float = 0.24,
+    muon_momentum: float = 0.6,
     device: torch.device | None = None,
 ) -> torch.optim.Optimizer:
-    """SGD (optionally Nesterov), Adam (L2 in the gradient) or AdamW (decoupled decay)."""
+    """SGD (optionally Nesterov), Adam (L2 in the gradient), AdamW (decoupled decay), or
+    Muon: orthogonalised updates at ``muon_lr``/``muon_momentum`` for the conv filters and
+    SGD with the other settings for the rest (see :mod:`cifarlab.optim`)."""
+    if name == "muon":
+        from cifarlab.optim import MuonSGD
+
+        groups = param_groups(model, lr, weight_decay, bias_lr_scale, muon_lr=muon_lr)
+        for group in groups:
+            if group.get("muon"):
+                group["momentum"] = muon_momentum
+        return MuonSGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     groups = param_groups(model, lr, weight_decay, bias_lr_scale)
     # fused kernels exist for CUDA; on CPU the foreach path is the fast one.
     fast = {"fused": True} if device is not None and device.type == "cuda" else {"foreach": True}

@@ -365,6 +365,8 @@ def fit(
         nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
         bias_lr_scale=cfg.bias_lr_scale,
+        muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum,
         device=ctx.device,
     )
     plan = build_scheduler(

@@ -23,7 +23,7 @@ DEFAULT_CROP_PAD = 4
 DEFAULT_CUTOUT = 16
 DEFAULT_ROTATE = 5.0
 
-_USAGE = 'use e.g. "crop,flip,cutout", "crop:4,flip,cutout:16,rotate:5" or "none"'
+_USAGE = 'use e.g. "crop,flip,cutout", "crop:4,flip,cutout:16,rotate:5", "translate:2,flip:alt" or "none"'
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,13 @@ class AugmentSpec:
 
     Attributes:
         crop_pad: random 32x32 crop of the image zero-padded by this many pixels per side; 0 = off.
+        crop_reflect: pad by reflection instead of zeros ("translate:N" in text form, the
+            speed-runs' random translation: no flat grey borders for the net to learn).
         flip: horizontal flip with probability 0.5.
+        flip_alternate: "flip:alt". Each image is flipped at random in the first epoch and
+            then every other epoch it is the mirror of the epoch before, so any two
+            consecutive epochs show both orientations (airbench's alternating flip; it
+            needs per-image state, so :class:`DeviceLoader` supplies the flips).
         cutout: side of a zeroed square at a uniformly random centre (it may hang off the
             image, as in DeVries & Taylor 2017); 0 = off.
         rotate: rotation by a uniform angle in [-rotate, +rotate] degrees (bilinear, zero fill); 0 = off.
@@ -42,6 +48,8 @@ class AugmentSpec:
     flip: bool = False
     cutout: int = 0
     rotate: float = 0.0
+    crop_reflect: bool = False
+    flip_alternate: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.crop_pad, bool) or not isinstance(self.crop_pad, int) or self.crop_pad < 0:
@@ -50,6 +58,10 @@ class AugmentSpec:
             raise CifarlabError(f"augment cutout size must be an integer >= 0, got {self.cutout!r}")
         if not isinstance(self.flip, bool):
             raise CifarlabError(f"augment flip must be true or false, got {self.flip!r}")
+        if not isinstance(self.crop_reflect, bool) or not isinstance(self.flip_alternate, bool):
+            raise CifarlabError("augment crop_reflect and flip_alternate must be true or false")
+        if self.flip_alternate and not self.flip:
+            raise CifarlabError("augment flip_alternate needs flip")
         rotate = self.rotate
         if isinstance(rotate, bool) or not isinstance(rotate, (int, float)) or not (0.0 <= rotate <= 180.0):
             raise CifarlabError(f"augment rotation must be a number of degrees in [0, 180], got {rotate!r}")
@@ -64,9 +76,9 @@ class AugmentSpec:
         """Canonical text form; ``AugmentSpec.parse(str(spec)) == spec``."""
         parts = []
         if self.crop_pad:
-            parts.append(f"crop:{self.crop_pad}")
+            parts.append(f"{'translate' if self.crop_reflect else 'crop'}:{self.crop_pad}")
         if self.flip:
-            parts.append("flip")
+            parts.append("flip:alt" if self.flip_alternate else "flip")
         if self.rotate:
             parts.append(f"rotate:{self.rotate:g}")
         if self.cutout:
@@ -75,9 +87,10 @@ class AugmentSpec:
 
     @classmethod
     def parse(cls, text: str) -> "AugmentSpec":
-        """Parse ``"crop,flip,cutout"``, ``"crop:4,flip,cutout:16,rotate:5"`` or ``"none"``.
+        """Parse ``"crop,flip,cutout"``, ``"crop:4,flip,cutout:16,rotate:5"``, ``"translate:2,flip:alt"`` or ``"none"``.
 
-        Ops may come in any order (they are always applied crop -> flip -> rotate -> cutout);
+        ``translate:N`` is ``crop:N`` with reflection padding; ``flip:alt`` alternates each
+        image's flip between epochs. Ops may come in any order (they are always applied crop -> flip -> rotate -> cutout);
         a value of 0 switches an op off. Unknown ops, repeated ops and bad values raise
         :class:`CifarlabError`.
         """
@@ -93,23 +106,29 @@ class AugmentSpec:
                 raise CifarlabError(f"augment op {token!r} has an empty value; {_USAGE}")
             if name in fields:
                 raise CifarlabError(f"augment op {name!r} given twice in {text!r}; {_USAGE}")
-            if name == "crop":
-                fields[name] = _int_value(name, value, DEFAULT_CROP_PAD)
+            if name in ("crop", "translate"):
+                if "crop" in fields:
+                    raise CifarlabError(f"give one of 'crop' and 'translate' in {text!r}, not both; {_USAGE}")
+                fields["crop"] = _int_value(name, value, DEFAULT_CROP_PAD)
+                fields["crop_reflect"] = name == "translate"
             elif name == "cutout":
                 fields[name] = _int_value(name, value, DEFAULT_CUTOUT)
             elif name == "rotate":
                 fields[name] = _float_value(name, value, DEFAULT_ROTATE)
             elif name == "flip":
-                if value:
-                    raise CifarlabError(f"augment op 'flip' takes no value, got {token!r}; {_USAGE}")
+                if value and value != "alt":
+                    raise CifarlabError(f"augment op 'flip' takes no value or 'alt', got {token!r}; {_USAGE}")
                 fields[name] = True
+                fields["flip_alternate"] = value == "alt"
             elif name == "none":
                 raise CifarlabError(f"'none' cannot be combined with other augment ops in {text!r}")
             else:
-                raise CifarlabError(f"unknown augment op {name!r} in {text!r}; known: crop, flip, rotate, cutout; {_USAGE}")
+                raise CifarlabError(f"unknown augment op {name!r} in {text!r}; known: crop, translate, flip, rotate, cutout; {_USAGE}")
         return cls(
             crop_pad=int(fields.get("crop", 0)),  # type: ignore[arg-type]
+            crop_reflect=bool(fields.get("crop_reflect", False)),
             flip=bool(fields.get("flip", False)),
+            flip_alternate=bool(fields.get("flip_alternate", False)),
             cutout=int(fields.get("cutout", 0)),  # type: ignore[arg-type]
             rotate=float(fields.get("rotate", 0.0)),  # type: ignore[arg-type]
         )
@@ -145,19 +164,25 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator) -> torch.Tensor:
+def augment_batch(
+    x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator, flips: torch.Tensor | None = None
+) -> torch.Tensor:
     """Augment a normalized float batch (B,C,H,W); returns a new tensor of the same shape, dtype and layout.
 
-    Zero is the dataset's mean colour after normalisation, so padding, rotation fill
+    Zero is the dataset's mean colour after normalisation, so zero padding, rotation fill
     and cutout all fill with the mean. ``generator`` must live on ``x.device``; the
-    same generator state always gives the same output.
+    same generator state always gives the same output. ``flips`` (B,) bool, on the
+    device, says which samples to mirror instead of drawing it (required when
+    ``spec.flip_alternate``, where the caller knows each image's flip history).
     """
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"augment_batch expects a float (B,C,H,W) batch, got {x.dtype} {tuple(x.shape)}")
     fmt = _memory_format(x)
     out = x
+    if spec.flip_alternate and flips is None:
+        raise ValueError("flip:alt needs the per-sample flips from the loader")
     if spec.crop_pad > 0 or spec.flip:
-        out = _crop_flip(out, spec.crop_pad, spec.flip, generator)
+        out = _crop_flip(out, spec.crop_pad, spec.flip, generator, reflect=spec.crop_reflect, flips=flips)
     if spec.rotate > 0:
         out = _rotate(out, spec.rotate, generator)
     if spec.cutout > 0:
@@ -168,16 +193,21 @@ def augment_batch(x: torch.Tensor, spec: AugmentSpec, generator: torch.Generator
     return out.contiguous(memory_format=fmt)
 
 
-def _crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> torch.Tensor:
-    """Random crop from the zero-padded image and horizontal flip, as ONE gather.
+def _crop_flip(
+    x: torch.Tensor, pad: int, flip: bool, g: torch.Generator, *, reflect: bool = False, flips: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Random crop from the padded image and horizontal flip, as ONE gather.
 
     Output pixel (i, j) reads input (i + oy - pad, c(j) + ox - pad), where c(j) is j or,
     for flipped samples, W-1-j (flipping the crop = reading its columns backwards);
-    reads outside the image give 0, which is exactly the zero padding. No padded copy
-    of the batch is ever made.
+    reads outside the image give 0, which is exactly the zero padding, or with
+    ``reflect`` read the mirrored pixel (-1 -> 1, W -> W-2, like ``F.pad(mode="reflect")``).
+    No padded copy of the batch is ever made.
     """
     b, _, h, w = x.shape
     dev = x.device
+    if reflect and pad >= min(h, w):
+        raise CifarlabError(f"translate:{pad} needs images larger than {pad} pixels per side, got {h}x{w}")
     if pad > 0:
         offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=g, device=dev) - pad
         oy, ox = offsets[:, 0:1], offsets[:, 1:2]
@@ -185,10 +215,13 @@ def _crop_flip(x: torch.Tensor, pad: int, flip: bool, g: torch.Generator) -> tor
         oy = ox = torch.zeros(b, 1, dtype=torch.long, device=dev)
     cols = torch.arange(w, device=dev).expand(b, w)
     if flip:
-        flipped = torch.rand(b, 1, generator=g, device=dev) < 0.5
+        flipped = flips.view(b, 1) if flips is not None else torch.rand(b, 1, generator=g, device=dev) < 0.5
         cols = torch.where(flipped, (w - 1) - cols, cols)
     rows = torch.arange(h, device=dev).view(1, h) + oy  # (B,H)
     cols = cols + ox  # (B,W)
+    if reflect:  # valid for pad < size: one reflection brings every index back inside
+        rows = torch.where(rows < 0, -rows, torch.where(rows >= h, 2 * (h - 1) - rows, rows))
+        cols = torch.where(cols < 0, -cols, torch.where(cols >= w, 2 * (w - 1) - cols, cols))
     valid = ((rows >= 0) & (rows < h)).unsqueeze(2) & ((cols >= 0) & (cols < w)).unsqueeze(1)  # (B,H,W)
     flat = rows.clamp(0, h - 1).unsqueeze(2) * w + cols.clamp(0, w - 1).unsqueeze(1)  # (B,H,W)
     gathered = x.reshape(b, x.shape[1], h * w).gather(2, flat.view(b, 1, h * w).expand(-1, x.shape[1], -1))

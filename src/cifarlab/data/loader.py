@@ -24,6 +24,7 @@ from .sources import Split, mix_seed
 # (seed, epoch) happens to equal some (seed, epoch, batch, rank) prefix.
 _PERM_STREAM = 0x5045524D  # "PERM"
 _AUG_STREAM = 0x41554700  # "AUG"
+_FLIP_STREAM = 0x464C4950  # "FLIP"
 
 
 class DeviceLoader:
@@ -81,6 +82,12 @@ class DeviceLoader:
         std_t = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
         self._scale = (1.0 / (255.0 * std_t)).to(torch.float32).to(self.device)
         self._shift = (-mean_t / std_t).to(torch.float32).to(self.device)
+        # flip:alt: each image's first-epoch flip, a function of the seed and its index only
+        # (so resumes and DDP ranks agree); epoch e flips it when first ^ (e odd).
+        self._first_flip = None
+        if self.augment is not None and self.augment.flip_alternate:
+            g = torch.Generator().manual_seed(mix_seed(_FLIP_STREAM, self.seed))
+            self._first_flip = (torch.rand(self.num_samples, generator=g) < 0.5).to(self.device)
 
     @property
     def samples_per_rank(self) -> int:
@@ -152,7 +159,10 @@ class DeviceLoader:
                 # batch, rank). manual_seed on a CUDA generator is host-side bookkeeping.
                 g = torch.Generator(device=self.device)
                 g.manual_seed(mix_seed(_AUG_STREAM, self.seed, epoch, b, self.rank))
-                x = augment_batch(x, self.augment, g)
+                flips = None
+                if self._first_flip is not None:
+                    flips = self._first_flip.index_select(0, idx) ^ bool(epoch % 2)
+                x = augment_batch(x, self.augment, g, flips=flips)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels_on_device.index_select(0, idx)

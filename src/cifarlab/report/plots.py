@@ -111,7 +111,11 @@ def augmentation_figure(images: torch.Tensor, spec, mean: Sequence[float], std: 
     loader = DeviceLoader(Split(images, torch.zeros(n, dtype=torch.int64)), max(n, 1), device="cpu", mean=mean, std=std, shuffle=False)
     (x, _), = list(loader)
     g = torch.Generator().manual_seed(seed)
-    columns = [x] + [augment_batch(x, spec, g) for _ in range(views)]
+    # flip:alt: successive columns are successive epochs, each image's flip alternating.
+    first = torch.rand(n, generator=g) < 0.5 if spec.flip_alternate else None
+    columns = [x] + [
+        augment_batch(x, spec, g, flips=None if first is None else first ^ bool(v % 2)) for v in range(views)
+    ]
     pics = [denormalise(c, mean, std) for c in columns]  # each (n, H, W, 3)
     h, w = pics[0].shape[1:3]
     gap, scale = 2, 3
