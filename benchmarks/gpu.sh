@@ -28,7 +28,7 @@ import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
 train_s = sorted(r["train_seconds"] for r in rows)
 print(json.dumps({"run": sys.argv[1], "epochs": len(rows), "final_test_acc": rows[-1]["test_acc"],
-                  "best_test_acc": max(r["test_acc"] for r in rows),
+                  "best_test_acc": max(r["test_acc"] for r in rows if r["test_acc"] is not None),
                   "median_train_s_per_epoch": train_s[len(train_s) // 2],
                   "total_s": rows[-1]["elapsed"]}))
 PY

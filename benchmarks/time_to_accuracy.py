@@ -44,10 +44,11 @@ def run_seed(preset: str, data: str, seed: int, extra: list[str], out: Path) -> 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     seconds_to = {}
     for thr in THRESHOLDS:
-        hit = next((r for r in rows if r["test_acc"] >= float(thr)), None)
+        # rows of epochs that eval_every skipped have test_acc None
+        hit = next((r for r in rows if r["test_acc"] is not None and r["test_acc"] >= float(thr)), None)
         seconds_to[thr] = hit["elapsed"] if hit else None
     result = {"seed": seed, "final_acc": rows[-1]["test_acc"], "wall_s": round(wall, 1), "seconds_to": seconds_to,
-              "epochs": len(rows), "per_epoch_acc": [round(r["test_acc"], 4) for r in rows]}
+              "epochs": len(rows), "per_epoch_acc": [None if r["test_acc"] is None else round(r["test_acc"], 4) for r in rows]}
     print(json.dumps(result), file=sys.stderr, flush=True)
     return result
 

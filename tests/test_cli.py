@@ -180,3 +180,16 @@ def test_holdout_evaluates_on_held_out_train_images_and_says_so(cli, tmp_path):
     assert rows and all(r["eval_split"] == "holdout" for r in rows)
     assert "200 holdout images (held out of train" in (out / "README.md").read_text()
     assert read_checkpoint(out / "checkpoints" / "last.pt")["config"]["holdout"] == 200
+
+
+def test_eval_every_zero_evaluates_only_after_the_last_epoch(cli, tmp_path):
+    out = tmp_path / "e"
+    proc = cli("train", "--preset", "fast", *TINY, "--eval-every", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_acc"] is None for r in rows] == [True, True, False]
+    assert rows[-1]["test_acc"] > 0.25 and rows[0]["train_acc"] > 0
+    assert "(test: not evaluated)" in (out / "log.txt").read_text()
+    assert (out / "report.html").is_file() and (out / "README.md").is_file()
+    best = read_checkpoint(out / "checkpoints" / "last.pt")["best"]
+    assert best == {"test_acc": rows[-1]["test_acc"], "epoch": 3}

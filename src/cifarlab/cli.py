@@ -46,6 +46,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable | None, str]] = [
     ("--epochs", "epochs", int, "number of epochs"),
     ("--batch-size", "batch_size", int, "training batch size"),
     ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
+    ("--eval-every", "eval_every", int, "evaluate after every N-th epoch and after the last (0: after the last only)"),
     ("--lr", "lr", _lr, "peak learning rate, or 'auto' to run the LR finder first"),
     ("--optimizer", "optimizer", str, "sgd | adam | adamw | muon (Muon for conv filters, SGD for the rest)"),
     ("--momentum", "momentum", float, "SGD momentum / Adam beta1"),

@@ -527,26 +527,30 @@ def fit(
             amp_skipped_total += amp_skipped_epoch
             # TTA multiplies evaluation cost (6 passes for flip-translate); per-epoch numbers only
             # track progress, so pay for it once, on the final epoch that the run reports.
-            tta = cfg.tta if epoch + 1 == cfg.epochs else "none"
-            # Every rank evaluates with rank 0's BatchNorm statistics: the ones the checkpoint holds.
-            distributed.broadcast_buffers(model)
-            # The final epoch's logits feed the report's per-class numbers and galleries.
-            te = evaluate_loader(model, ctx.test_loader, ctx.device, ctx.precision, tta, eval_loss, collect=epoch + 1 == cfg.epochs)
-            if dist.enabled:
-                te = _reduce_eval(te, len(ds.test), dist)
-            if te.logits is not None:
-                final_eval = te
-            if plan.on_metric:
+            last_epoch = epoch + 1 == cfg.epochs
+            tta = cfg.tta if last_epoch else "none"
+            te = None
+            if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+                # Every rank evaluates with rank 0's BatchNorm statistics: the ones the checkpoint holds.
+                distributed.broadcast_buffers(model)
+                # The final epoch's logits feed the report's per-class numbers and galleries.
+                te = evaluate_loader(model, ctx.test_loader, ctx.device, ctx.precision, tta, eval_loss, collect=last_epoch)
+                if dist.enabled:
+                    te = _reduce_eval(te, len(ds.test), dist)
+                if te.logits is not None:
+                    final_eval = te
+            if plan.on_metric:  # config validation guarantees an evaluation every epoch here
                 plan.scheduler.step(te.loss)
             result.lrs.extend(epoch_lrs)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": tr_loss,
                 "train_acc": tr_acc,
-                "test_loss": te.loss,
-                "test_acc": te.accuracy,
+                # None on epochs that eval_every skips
+                "test_loss": te.loss if te else None,
+                "test_acc": te.accuracy if te else None,
                 "lr": epoch_lrs[-1] if epoch_lrs else optimizer.param_groups[0]["lr"],
-                "seconds": round(train_seconds + te.seconds, 3),
+                "seconds": round(train_seconds + (te.seconds if te else 0.0), 3),
                 "train_seconds": round(train_seconds, 3),
                 # wall seconds since fit() started, data loading included (time-to-accuracy)
                 "elapsed": round(elapsed_before + time.perf_counter() - launched, 3),
@@ -563,14 +567,15 @@ def fit(
                 _append_metrics(run_dir, row, saver)
             log(
                 f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {tr_loss:.4f} acc {tr_acc:6.2%}  "
-                f"{ds.eval_split} loss {te.loss:.4f} acc {te.accuracy:6.2%}  lr {row['lr']:.3g}  {row['seconds']:.1f}s"
+                + (f"{ds.eval_split} loss {te.loss:.4f} acc {te.accuracy:6.2%}  " if te else f"({ds.eval_split}: not evaluated)  ")
+                + f"lr {row['lr']:.3g}  {row['seconds']:.1f}s"
             )
             if scaler is not None and amp_skipped_epoch:
                 log(
                     f"fp16: the GradScaler skipped {amp_skipped_epoch} of {steps_per_epoch} steps this epoch "
                     "(inf/NaN gradients; a few early on are normal while it finds its scale)"
                 )
-            improved = te.accuracy > result.best_acc
+            improved = te is not None and te.accuracy > result.best_acc
             if improved:
                 result.best_acc, result.best_epoch = te.accuracy, epoch + 1
             saver.save(

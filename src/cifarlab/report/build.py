@@ -303,10 +303,16 @@ def _context(ckpt, cfg, dataset, metrics, expl, summary, run_dir: Path) -> dict[
     synthetic = bool(ckpt.get("dataset", {}).get("synthetic"))
     results = []
     for split in ("train", "test"):
-        if history:
-            best = max(history, key=lambda r: r[f"{split}_acc"])
+        rows = [r for r in history if r.get(f"{split}_acc") is not None]  # eval_every skips test rows
+        if rows:
+            best = max(rows, key=lambda r: r[f"{split}_acc"])
             results.append(
-                {"split": split, "best": best[f"{split}_acc"], "best_epoch": best["epoch"], "last": history[-1][f"{split}_acc"]}
+                {
+                    "split": getattr(dataset, "eval_split", "test") if split == "test" else split,
+                    "best": best[f"{split}_acc"],
+                    "best_epoch": best["epoch"],
+                    "last": history[-1][f"{split}_acc"],
+                }
             )
     seconds = float(ckpt.get("seconds", sum(r.get("seconds", 0.0) for r in history)))
     n_epochs = len(history)

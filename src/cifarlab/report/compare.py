@@ -85,7 +85,8 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     for r in runs:
         hist = list(r.ckpt.get("history", []))
         cfg = r.ckpt.get("config", {})
-        best = max(hist, key=lambda h: h["test_acc"]) if hist else None
+        evaluated = [h for h in hist if h.get("test_acc") is not None]  # eval_every may skip epochs
+        best = max(evaluated, key=lambda h: h["test_acc"]) if evaluated else None
         seconds = float(r.ckpt.get("seconds", 0.0))
         lr = load_lr_find(r.path)
         rows.append(

@@ -29,14 +29,15 @@ def curves_figure(history: Sequence[Mapping], lrs: Sequence[float]):
     epochs = [r["epoch"] for r in history]
     for key, ax, label in (("loss", ax_loss, "loss"), ("acc", ax_acc, "accuracy")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", ms=3, label="train")
-        ax.plot(epochs, [r[f"test_{key}"] for r in history], "s-", ms=3, label="test")
+        ax.plot(epochs, [_or_nan(r.get(f"test_{key}")) for r in history], "s-", ms=3, label="test")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    if history:
-        best = max(history, key=lambda r: r["test_acc"])
+    evaluated = [r for r in history if r.get("test_acc") is not None]
+    if evaluated:
+        best = max(evaluated, key=lambda r: r["test_acc"])
         ax_acc.annotate(
             f"best {best['test_acc']:.2%}",
             (best["epoch"], best["test_acc"]),
@@ -139,9 +140,9 @@ def compare_curves_figure(runs: Sequence[tuple[str, Sequence[Mapping]]]):
     for i, (name, history) in enumerate(runs):
         ep = [r["epoch"] for r in history]
         color = f"C{i % 10}"
-        ax_acc.plot(ep, [r["test_acc"] for r in history], "-", color=color, label=f"{name} test")
+        ax_acc.plot(ep, [_or_nan(r.get("test_acc")) for r in history], ".-", color=color, label=f"{name} test")
         ax_acc.plot(ep, [r["train_acc"] for r in history], "--", color=color, lw=0.9, label=f"{name} train")
-        ax_loss.plot(ep, [r["test_loss"] for r in history], "-", color=color, label=f"{name} test")
+        ax_loss.plot(ep, [_or_nan(r.get("test_loss")) for r in history], ".-", color=color, label=f"{name} test")
     for ax, title in ((ax_acc, "accuracy (train dashed)"), (ax_loss, "test loss")):
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -167,3 +168,8 @@ def compare_per_class_figure(classes: Sequence[str], runs: Sequence[tuple[str, S
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7)
     return fig
+
+
+def _or_nan(value):
+    """Epochs that ``eval_every`` skipped have no test numbers: plot them as gaps."""
+    return float("nan") if value is None else value
