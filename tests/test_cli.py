@@ -13,7 +13,7 @@ from cifarlab.checkpoint import read_checkpoint
 TINY = [
     "--dataset", "synthetic", "--num-classes", "4", "--model", "fast", "--epochs", "3",
     "--batch-size", "64", "--lr", "0.2", "--limit-train", "768", "--limit-test", "256",
-    "--device", "cpu", "--seed", "1", "--tta", "none",
+    "--device", "cpu", "--seed", "1", "--tta", "none", "--eval-every", "1",
 ]
 
 

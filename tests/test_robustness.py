@@ -32,7 +32,7 @@ from tests.conftest import run_cli
 TINY = [
     "--preset", "fast", "--dataset", "synthetic", "--num-classes", "4", "--model", "fast", "--epochs", "2",
     "--batch-size", "32", "--lr", "0.2", "--limit-train", "256", "--limit-test", "128", "--device", "cpu",
-    "--seed", "1", "--tta", "none", "--save-every-steps", "3", "--no-report",
+    "--seed", "1", "--tta", "none", "--save-every-steps", "3", "--no-report", "--eval-every", "1",
 ]
 STEPS = 16
 # Tests that need no reference run use half the data: 4 steps per epoch.

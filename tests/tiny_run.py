@@ -23,6 +23,7 @@ TINY = dict(
     device="cpu",
     tta="none",
     seed=1,
+    eval_every=1,  # the fast preset evaluates only after the last epoch; these runs want every epoch
 )
 
 _SHARED: dict[str, Path] = {}

@@ -243,7 +243,9 @@ def lr_range_test(
     """Sweep the LR exponentially from ``start`` to ``end`` on copies of model and optimizer.
 
     ``batches`` is iterated (cycled if shorter than ``steps``); a DeviceLoader's epoch is
-    restored afterwards. Each param group keeps its LR ratio to the first group. Stops
+    restored afterwards. Each param group keeps its LR ratio to the first group; Muon
+    groups (``muon=True``, see :mod:`cifarlab.optim`) keep their own LR, so with Muon the
+    sweep is over the ``lr`` key of the head and biases. Stops
     early when the smoothed loss exceeds 4x its best or any loss is non-finite.
     """
     if not (0 < start < end) or not math.isfinite(end):
@@ -251,8 +253,9 @@ def lr_range_test(
     if steps < 5:
         raise CifarlabError(f"LR finder needs at least 5 steps, got {steps}")
     twin, opt = copy_training_state(model, optimizer)
-    base = opt.param_groups[0]["lr"] or 1.0
-    ratios = [g["lr"] / base if base else 1.0 for g in opt.param_groups]
+    swept = [g for g in opt.param_groups if not g.get("muon")]
+    base = swept[0]["lr"] or 1.0
+    ratios = [g["lr"] / base if base else 1.0 for g in swept]
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     lrs: list[float] = []
     raw: list[float] = []
@@ -272,7 +275,7 @@ def lr_range_test(
             stream = _endless(batches)
             for i in range(steps):
                 lr = start * (end / start) ** (i / (steps - 1))
-                for g, r in zip(opt.param_groups, ratios):
+                for g, r in zip(swept, ratios):
                     g["lr"] = lr * r
                 x, y = next(stream)
                 with autocast(device, precision):
@@ -355,6 +358,8 @@ def find_lr_for_run(ctx, *, start: float = DEFAULT_START, end: float = DEFAULT_E
         nesterov=cfg.nesterov,
         weight_decay=cfg.weight_decay,
         bias_lr_scale=cfg.bias_lr_scale,
+        muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum,
         device=ctx.device,
     )
     return lr_range_test(
