@@ -162,3 +162,33 @@ def test_lr_find_cli_prints_suggestion_and_saves_plot(tmp_path, capsys):
     assert set(data["onecycle"]) >= {"max_lr", "initial_lr", "final_lr"}
     assert (out / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["lr-find", "--dataset", "synthetic", "--steps", "2", "--out", str(out)]) == 2
+
+
+def test_sweep_leaves_muon_filter_lr_alone():
+    """With Muon the range test sweeps the `lr` key (head and biases); the filters stay at muon_lr."""
+    from torch import nn
+
+    from cifarlab.engine import build_optimizer
+    from cifarlab.lr_finder import lr_range_test
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    opt = build_optimizer(net, "muon", lr=1e-4, momentum=0.85, nesterov=True, weight_decay=0, bias_lr_scale=2, muon_lr=0.24)
+    assert [g["name"] for g in opt.param_groups] == ["weights", "biases", "filters"]
+    seen = []
+    real_step = type(opt).step
+
+    def spy(self, closure=None):
+        seen.append([(g["name"], g["lr"]) for g in self.param_groups])
+        return real_step(self, closure)
+
+    type(opt).step = spy
+    try:
+        x = torch.randn(64, 3, 8, 8)
+        batches = [(x[i : i + 16], torch.randint(0, 3, (16,))) for i in range(0, 64, 16)]
+        lr_range_test(net, opt, batches, loss_fn=nn.CrossEntropyLoss(), device=torch.device("cpu"), start=1e-4, end=1.0, steps=6)
+    finally:
+        type(opt).step = real_step
+    assert seen and all(dict(s)["filters"] == 0.24 for s in seen)
+    assert dict(seen[-1])["weights"] > 100 * dict(seen[0])["weights"]
+    assert all(dict(s)["biases"] == pytest.approx(2 * dict(s)["weights"]) for s in seen)

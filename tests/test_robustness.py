@@ -315,7 +315,7 @@ def test_muon_with_alternating_flips_resumes_bitwise_identical(tmp_path):
     ref = tmp_path / "ref"
     proc = train(ref, *recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert read_checkpoint(ref / "checkpoints" / "last.pt")["optimizer"]["param_groups"][0]["muon"]
+    assert any(g["muon"] for g in read_checkpoint(ref / "checkpoints" / "last.pt")["optimizer"]["param_groups"])
     out = tmp_path / "run"
     step = _RNG.randrange(4, STEPS)
     proc = train(out, *recipe, fault=f"kill@step={step}")

@@ -24,6 +24,9 @@ TINY = dict(
     tta="none",
     seed=1,
     eval_every=1,  # the fast preset evaluates only after the last epoch; these runs want every epoch
+    # a warm-up phase, so the first LR is max_lr / div_factor (the preset starts at its peak)
+    pct_start=0.25,
+    div_factor=10.0,
 )
 
 _SHARED: dict[str, Path] = {}

@@ -74,7 +74,8 @@ class TrainConfig:
     plateau_patience: int = 3
     # optimizer = "muon": the conv filters train with orthogonalised updates at this peak
     # LR (an angle per step: the filters' norm is held fixed) and momentum; everything
-    # else uses SGD with lr/momentum/weight_decay/bias_lr_scale above.
+    # else uses SGD with lr/momentum/weight_decay/bias_lr_scale above (lr = "auto" sweeps
+    # that LR with the filters held at muon_lr).
     muon_lr: float = 0.24
     muon_momentum: float = 0.6
     # --- evaluation
@@ -243,11 +244,7 @@ def _cross_check(cfg: TrainConfig) -> None:
         raise CifarlabError("config: nesterov=true needs momentum > 0")
     if cfg.scheduler == "plateau" and cfg.eval_every != 1:
         raise CifarlabError("config: scheduler='plateau' steps on every epoch's test loss; it needs eval_every = 1")
-    if cfg.optimizer == "muon" and cfg.lr == "auto":
-        raise CifarlabError(
-            "config: lr='auto' is not available with optimizer='muon' (the LR finder sweeps one LR; "
-            "Muon's filters use muon_lr); give lr as a number"
-        )
+
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

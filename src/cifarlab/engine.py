@@ -81,7 +81,9 @@ def param_groups(
 
     With ``bias_lr_scale`` s != 1 the 1-d group gets lr*s and weight_decay/s, keeping the
     per-step decay lr*wd unchanged (airbench's bias_scaler). Frozen params are skipped.
-    With ``muon_lr`` the conv filters (ndim 4) form a third group, ``muon=True``, at that LR.
+    With ``muon_lr`` the conv filters (ndim 4) form a third group, ``muon=True``, at that
+    LR, placed last: the first group is the one at ``lr``, which logs, LR curves and
+    divergence advice report.
     """
     filters, weights, biases = [], [], []
     for p in model.parameters():
@@ -91,9 +93,7 @@ def param_groups(
             else:
                 (weights if p.ndim > 1 else biases).append(p)
     groups = []
-    if filters:
-        groups.append({"params": filters, "lr": muon_lr, "weight_decay": 0.0, "name": "filters", "muon": True})
-    if weights or not groups:
+    if weights or not filters:
         groups.append({"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"})
     if biases:
         groups.append(
@@ -104,6 +104,8 @@ def param_groups(
                 "name": "biases",
             }
         )
+    if filters:
+        groups.append({"params": filters, "lr": muon_lr, "weight_decay": 0.0, "name": "filters", "muon": True})
     return groups
 
 
