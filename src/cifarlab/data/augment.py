@@ -222,9 +222,11 @@ def _crop_flip(
     if reflect:  # valid for pad < size: one reflection brings every index back inside
         rows = torch.where(rows < 0, -rows, torch.where(rows >= h, 2 * (h - 1) - rows, rows))
         cols = torch.where(cols < 0, -cols, torch.where(cols >= w, 2 * (w - 1) - cols, cols))
-    valid = ((rows >= 0) & (rows < h)).unsqueeze(2) & ((cols >= 0) & (cols < w)).unsqueeze(1)  # (B,H,W)
     flat = rows.clamp(0, h - 1).unsqueeze(2) * w + cols.clamp(0, w - 1).unsqueeze(1)  # (B,H,W)
     gathered = x.reshape(b, x.shape[1], h * w).gather(2, flat.view(b, 1, h * w).expand(-1, x.shape[1], -1))
+    if reflect:  # every read is inside the image: nothing to zero
+        return gathered.view_as(x)
+    valid = ((rows >= 0) & (rows < h)).unsqueeze(2) & ((cols >= 0) & (cols < w)).unsqueeze(1)  # (B,H,W)
     return gathered.view_as(x).masked_fill_(~valid.unsqueeze(1), 0.0)
 
 
