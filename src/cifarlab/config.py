@@ -48,6 +48,9 @@ class TrainConfig:
     # split: tune a recipe here, keep the test split for final figures. 0 = off.
     holdout: int = 0
     augment: str = "crop:4,flip,cutout:16"  # see AugmentSpec.parse
+    # Train early epochs on downscaled images, e.g. "24:0.5" = first half at 24 px (about
+    # 2x the images/s); see data/resize.py. Evaluation is always at full size.
+    progressive_resize: str = "none"
     # --- model
     model: str = "resnet18"
     norm: str = "batch"

@@ -160,7 +160,7 @@ def build_context(
     the train loader yields this rank's shard and the test loader a disjoint strided
     slice of the test split, so summed metrics cover every test image exactly once.
     """
-    from cifarlab.data import AugmentSpec, DeviceLoader, Split
+    from cifarlab.data import AugmentSpec, DeviceLoader, ResizeSchedule, Split
 
     dist = dist or distributed.DistInfo()
     device = resolve_device(cfg.device)
@@ -169,6 +169,7 @@ def build_context(
     precision = resolve_precision(cfg.precision, device)
     channels_last = resolve_channels_last(cfg.channels_last, device)
     augment = AugmentSpec.parse(cfg.augment)  # validate before touching data
+    resize = ResizeSchedule.parse(cfg.progressive_resize)
     check_model_name(cfg.model)
     if cfg.batch_size % dist.world_size:
         raise CifarlabError(
@@ -176,6 +177,7 @@ def build_context(
             f"{dist.world_size} processes; use a multiple of {dist.world_size}"
         )
     ds = dataset if dataset is not None else _load_data_in_turn(cfg, progress, dist)
+    resize.check_images(*ds.train.images.shape[-2:])
     torch.manual_seed(cfg.seed)  # model init is part of the run's reproducibility
     model = _make_model(cfg, num_classes=len(ds.classes))
     _init_from_data(model, ds, cfg.seed)
@@ -194,6 +196,7 @@ def build_context(
         drop_last=len(ds.train) > cfg.batch_size,
         rank=dist.rank,
         world_size=dist.world_size,
+        epoch_sizes=resize.epoch_sizes(cfg.epochs),
         **common,
     )
     test = ds.test
@@ -339,6 +342,11 @@ def fit(
         + f" | ready in {ready_s:.1f}s"
         + (f" | {dist.world_size} processes ({dist.backend}), {cfg.batch_size // dist.world_size} images each per step" if dist.enabled else "")
     )
+    from cifarlab.data import ResizeSchedule
+
+    resized = ResizeSchedule.parse(cfg.progressive_resize).describe(cfg.epochs)
+    if resized:
+        log(f"progressive resize: {resized}, the rest at full size")
     skipped = getattr(ds, "skipped", ())
     if skipped:
         listed = _write_skipped(run_dir, skipped) if main else None

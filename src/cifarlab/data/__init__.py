@@ -1,10 +1,11 @@
 """Datasets for cifarlab: sources (CIFAR-10, image folders, synthetic), a decode cache,
-batched on-device augmentation and a device-resident, exactly resumable batch loader.
+batched on-device augmentation, progressive resizing and a device-resident, exactly resumable batch loader.
 """
 
 from .augment import AugmentSpec, augment_batch
 from .cache import default_cache_dir
 from .loader import DeviceLoader
+from .resize import ResizeSchedule, resize_batch
 from .sources import CIFAR10_MEAN, CIFAR10_STD, KINDS, Dataset, Split, channel_stats, load_dataset
 
 __all__ = [
@@ -14,9 +15,11 @@ __all__ = [
     "Dataset",
     "DeviceLoader",
     "KINDS",
+    "ResizeSchedule",
     "Split",
     "augment_batch",
     "channel_stats",
     "default_cache_dir",
     "load_dataset",
+    "resize_batch",
 ]

@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .augment import AugmentSpec, augment_batch
+from .resize import resize_batch
 from .sources import Split, mix_seed
 
 # Domain tags keep the permutation stream and the augmentation streams apart even if
@@ -31,7 +32,8 @@ class DeviceLoader:
     """Iterate over ``(x, y)`` batches of a split held on ``device``.
 
     ``x`` is float32 (B,3,H,W), normalized with ``mean``/``std`` (pixel/255 units),
-    augmented by ``augment`` if given and optionally channels_last; ``y`` is int64.
+    augmented by ``augment`` if given, downscaled to ``epoch_sizes[epoch]`` where that is
+    given (progressive resizing, see :mod:`.resize`) and optionally channels_last; ``y`` is int64.
     With ``world_size > 1`` each rank gets a strided shard of the same epoch
     permutation, padded by wrap-around (like ``DistributedSampler``) so all ranks run
     the same number of batches.
@@ -55,6 +57,7 @@ class DeviceLoader:
         channels_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        epoch_sizes: Sequence[int | None] = (),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -73,6 +76,7 @@ class DeviceLoader:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.epoch = 0
+        self.epoch_sizes = tuple(epoch_sizes)
         self.num_samples = len(split)
         # Moved once; every batch afterwards is indexed on the device.
         self.images_on_device = split.images.to(self.device)
@@ -149,6 +153,7 @@ class DeviceLoader:
 
     def _batches(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self.epoch_indices(epoch)
+        size = self.epoch_sizes[epoch] if epoch < len(self.epoch_sizes) else None
         bs = self.batch_size
         for b in range(start, len(self)):
             idx = indices[b * bs : (b + 1) * bs]
@@ -163,6 +168,8 @@ class DeviceLoader:
                 if self._first_flip is not None:
                     flips = self._first_flip.index_select(0, idx) ^ bool(epoch % 2)
                 x = augment_batch(x, self.augment, g, flips=flips)
+            if size is not None:
+                x = resize_batch(x, size)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels_on_device.index_select(0, idx)
