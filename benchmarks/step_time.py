@@ -7,6 +7,7 @@ hits all of them; warm-up steps are excluded; the figure is the median window. L
 line: one JSON object.
 
     python benchmarks/step_time.py --model fast --settings 1024:sgd,2000:sgd,2000:muon
+    python benchmarks/step_time.py --settings 1024:muon,1024:muon:24,1024:muon:20   # progressive-resize sizes
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="fast")
-    p.add_argument("--settings", default="1024:sgd,2000:sgd,2000:muon", help="comma list of BATCH:OPTIMIZER")
+    p.add_argument("--settings", default="1024:sgd,2000:sgd,2000:muon", help="comma list of BATCH:OPTIMIZER[:SIZE] (SIZE: train at that progressive-resize size)")
     p.add_argument("--augment", default="translate:2,flip:alt")
     p.add_argument("--windows", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="steps per timed window")
@@ -37,19 +38,23 @@ def main(argv=None) -> int:
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
     channels_last = resolve_channels_last("auto", device)
-    settings = [(int(b), o) for b, o in (s.split(":") for s in args.settings.split(","))]
-    n = max(b for b, _ in settings) * (args.steps + args.warmup)
+    settings = []
+    for text in args.settings.split(","):
+        batch, opt_name, *size = text.split(":")
+        settings.append((int(batch), opt_name, int(size[0]) if size else None))
+    n = max(b for b, _, _ in settings) * (args.steps + args.warmup)
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     runners = []
-    for batch, opt_name in settings:
+    for batch, opt_name, size in settings:
         torch.manual_seed(0)
         model = create_model(args.model).to(device).to(memory_format=fmt).train()
         opt = build_optimizer(model, opt_name, lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-3, bias_lr_scale=64, device=device)
         loader = DeviceLoader(split, batch, device=device, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True,
-                              augment=AugmentSpec.parse(args.augment), drop_last=True, channels_last=channels_last)
+                              augment=AugmentSpec.parse(args.augment), drop_last=True, channels_last=channels_last,
+                              epoch_sizes=(size,))
         loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.2)
 
         def window(steps, model=model, opt=opt, loader=loader, loss_fn=loss_fn, batch=batch):
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             return steps * batch / (time.perf_counter() - start)
 
-        runners.append((f"{batch}:{opt_name}", window))
+        runners.append((f"{batch}:{opt_name}" + (f":{size}" if size else ""), window))
     for _, window in runners:
         window(args.warmup)
     rates: dict[str, list[float]] = {name: [] for name, _ in runners}
