@@ -173,3 +173,65 @@ def test_muon_groups_filters_and_keeps_their_norm_fixed():
     again = build_optimizer(_net(), "muon", lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-3, bias_lr_scale=4, muon_lr=0.2, muon_momentum=0.6)
     again.load_state_dict(state)
     assert torch.equal(again.state_dict()["state"][0]["momentum_buffer"], state["state"][0]["momentum_buffer"])
+
+
+def _perturb(net: nn.Module, amount: float) -> None:
+    """Move every float tensor (weights and BN running statistics) by ``amount``."""
+    with torch.no_grad():
+        for value in net.state_dict().values():
+            if value.is_floating_point():
+                value.add_(amount)
+
+
+def test_lookahead_decay_grows_cubically_to_airbench94s_final_pull():
+    from cifarlab.optim import Lookahead
+
+    la = Lookahead(_net(), total_steps=100)
+    assert la.decay(0) == 0.0
+    assert la.decay(50) == pytest.approx(0.95**5 * 0.125)
+    assert la.decay(100) == pytest.approx(0.95**5)
+    assert la.decay(150) == pytest.approx(0.95**5)  # a resumed, lengthened run stays bounded
+    with pytest.raises(ValueError):
+        Lookahead(_net(), total_steps=0)
+
+
+def test_lookahead_pulls_every_fifth_step_and_finishes_on_the_slow_weights():
+    from cifarlab.optim import Lookahead
+
+    net = _net()
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    la = Lookahead(net, total_steps=10)
+    _perturb(net, 1.0)
+    la.after_step(4)  # not a multiple of 5: nothing moves
+    assert torch.equal(net[0].weight, start["0.weight"] + 1.0)
+    la.after_step(5)
+    d = la.decay(5)  # 0.95**5 / 8
+    for key, value in net.state_dict().items():
+        if value.is_floating_point():  # running_mean/var included
+            expected = start[key] + (1 - d) * 1.0
+            assert torch.allclose(value, expected), key
+            assert torch.equal(la.slow[key], value)
+        else:  # num_batches_tracked is left alone
+            assert torch.equal(value, start[key])
+    _perturb(net, 2.0)
+    la.finish()  # back onto the slow weights, not a blend with the last perturbation
+    for key, slow in la.slow.items():
+        assert torch.equal(net.state_dict()[key], slow)
+        assert torch.allclose(slow, start[key] + (1 - d)), key
+
+
+def test_lookahead_state_round_trips_and_rejects_another_model():
+    from cifarlab.optim import Lookahead
+
+    net = _net()
+    la = Lookahead(net, total_steps=10)
+    _perturb(net, 0.5)
+    la.after_step(10)
+    state = {k: v.clone() for k, v in la.state_dict()["slow"].items()}
+    other = Lookahead(_net(), total_steps=10)
+    other.load_state_dict({"slow": state})
+    for key, value in state.items():
+        assert torch.equal(other.slow[key], value)
+    small = Lookahead(nn.Linear(2, 2), total_steps=10)
+    with pytest.raises(ValueError, match="does not match"):
+        small.load_state_dict({"slow": state})

@@ -312,16 +312,24 @@ def test_soak_random_kill_points(tmp_path):
     assert proc.returncode == 0 and summary["passed"] == summary["trials"] == 6, summary["failed"]
 
 
-def test_muon_with_alternating_flips_resumes_bitwise_identical(tmp_path):
-    """The Muon optimizer's state and flip:alt's per-image flips survive a mid-epoch kill."""
-    recipe = ["--optimizer", "muon", "--augment", "translate:2,flip:alt"]
+def test_muon_with_alternating_flips_and_lookahead_resumes_bitwise_identical(tmp_path):
+    """The Muon optimizer's state, flip:alt's per-image flips and the lookahead's slow
+    weights survive a mid-epoch kill."""
+    recipe = ["--optimizer", "muon", "--augment", "translate:2,flip:alt", "--lookahead"]
     ref = tmp_path / "ref"
     proc = train(ref, *recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert any(g["muon"] for g in read_checkpoint(ref / "checkpoints" / "last.pt")["optimizer"]["param_groups"])
+    final = read_checkpoint(ref / "checkpoints" / "last.pt")
+    assert any(g["muon"] for g in final["optimizer"]["param_groups"])
+    # The run ends on the slow weights, and those are what the checkpoint holds.
+    for key, slow in final["lookahead"]["slow"].items():
+        assert torch.equal(final["state_dict"][key], slow), key
     out = tmp_path / "run"
     step = _RNG.randrange(4, STEPS)
     proc = train(out, *recipe, fault=f"kill@step={step}")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     resume(out)
     assert_same_run(ref, out, f"(muon, killed after step {step}; CIFARLAB_TEST_SEED={_SEED})")
+    resumed = read_checkpoint(out / "checkpoints" / "last.pt")["lookahead"]["slow"]
+    for key, slow in final["lookahead"]["slow"].items():
+        assert torch.equal(resumed[key], slow), f"lookahead differs at {key}"

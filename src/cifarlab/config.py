@@ -81,6 +81,9 @@ class TrainConfig:
     # that LR with the filters held at muon_lr).
     muon_lr: float = 0.24
     muon_momentum: float = 0.6
+    # Lookahead of the weights (airbench94's): every 5 steps the model is pulled back onto
+    # a slow copy, weakly early and strongly at the end; the run ends on the slow weights.
+    lookahead: bool = False
     # --- evaluation
     tta: str = "none"  # test-time augmentation at evaluation
     # Evaluate after every N-th epoch and always after the last; 0 = after the last only.

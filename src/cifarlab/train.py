@@ -58,6 +58,7 @@ from cifarlab.guards import (
     signal_name,
     stall_message,
 )
+from cifarlab.optim import Lookahead
 
 # The whitening stem of the fast nets is fitted on this many training images: enough
 # for a stable 12x12 patch covariance, small enough to cost well under a second.
@@ -389,6 +390,8 @@ def fit(
         plateau_patience=cfg.plateau_patience,
     )
     scaler = torch.amp.GradScaler(ctx.device.type) if ctx.precision == "fp16" else None
+    # Built from the freshly initialised model; a resume overwrites its slow weights below.
+    lookahead = Lookahead(model, total_steps=cfg.epochs * steps_per_epoch) if cfg.lookahead else None
     train_loss = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     eval_loss = nn.CrossEntropyLoss()
 
@@ -410,6 +413,8 @@ def fit(
             plan.scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+        if lookahead is not None:
+            lookahead.load_state_dict(ckpt["lookahead"])
         # Last, after everything above that may draw random numbers (model init).
         restore_rng_state(ckpt.get("rng"))
         start_epoch = int(ckpt["epoch"])
@@ -473,6 +478,7 @@ def fit(
             "optimizer": optimizer.state_dict(),
             "scheduler": plan.scheduler.state_dict() if plan.scheduler is not None else None,
             "scaler": scaler.state_dict() if scaler is not None else None,
+            "lookahead": lookahead.state_dict() if lookahead is not None else None,
             "amp_skipped_steps": amp_skipped_total,  # completed epochs; the current one's is in partial
             "rng": rng_state(),
         }
@@ -494,6 +500,7 @@ def fit(
                 dist=dist,
                 saver=saver,
                 scaler=scaler,
+                lookahead=lookahead,
                 prior=prior,
                 payload=lambda k, part, e=epoch: payload(e, k, result.history[-1] if result.history else None, part),
             )
@@ -536,6 +543,8 @@ def fit(
             # TTA multiplies evaluation cost (6 passes for flip-translate); per-epoch numbers only
             # track progress, so pay for it once, on the final epoch that the run reports.
             last_epoch = epoch + 1 == cfg.epochs
+            if last_epoch and lookahead is not None:
+                lookahead.finish()  # evaluate and save the slow weights the run ends on
             tta = cfg.tta if last_epoch else "none"
             te = None
             if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
@@ -853,6 +862,7 @@ class _StepHook:
         dist: distributed.DistInfo,
         saver: _Saver,
         scaler: Any,
+        lookahead: Lookahead | None,
         prior: dict | None,
         payload: Callable[[int, dict], dict],
     ):
@@ -864,6 +874,7 @@ class _StepHook:
         self.dist = dist
         self.saver = saver
         self.scaler = scaler
+        self.lookahead = lookahead
         self.prior = prior or {}
         self.payload = payload
         self.lrs: list[float] = []
@@ -896,6 +907,8 @@ class _StepHook:
         self._prev_scale.copy_(scale)
 
     def __call__(self, global_step: int, info: dict) -> None:
+        if self.lookahead is not None:  # part of the step: before any checkpoint of it
+            self.lookahead.after_step(global_step)
         _faults.at_step(global_step)
         self.lrs.append(info["lr"])
         if self.scaler is not None:
