@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
+from cifarlab.config import NORMS
 from cifarlab.errors import CifarlabError, TrainingInterrupted
 
 EXIT_USAGE = 2
@@ -281,11 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a .pt checkpoint or model.safetensors")
-    p.add_argument("--data", help="data root (default: the one the model was trained on)")
-    p.add_argument("--dataset", help="cifar10 | imagefolder | synthetic")
-    p.add_argument("--limit-test", type=int, help="evaluate on a class-balanced subset")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size")
+    _add_checkpoint_data_flags(p, subset="evaluate on a class-balanced subset")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--tta", help="none | flip | flip-translate (default: as trained)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -293,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("summary", help="layer table, parameter count and MACs of a model")
     p.add_argument("--model", required=True, choices=models)
-    p.add_argument("--norm", default="batch", choices=["batch", "group", "layer"])
+    p.add_argument("--norm", default="batch", choices=NORMS)
     p.add_argument("--num-classes", type=int, default=10)
     p.set_defaults(func=cmd_summary)
 
@@ -305,11 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("explain", help="Grad-CAM galleries of misclassified and correct test images")
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a .pt checkpoint or model.safetensors")
-    p.add_argument("--data", help="data root (default: the one the model was trained on)")
-    p.add_argument("--dataset", help="cifar10 | imagefolder | synthetic")
-    p.add_argument("--limit-test", type=int, help="explain on a class-balanced test subset")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size")
+    _add_checkpoint_data_flags(p, subset="explain on a class-balanced test subset")
     p.add_argument("--misclassified", type=int, default=20, metavar="N", help="most confidently misclassified images (20)")
     p.add_argument("--correct", type=int, default=10, metavar="N", help="most confident correct images (10)")
     p.add_argument("--layer", help="Grad-CAM layer name (default: the model's cam_layer)")
@@ -339,6 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_report)
     return parser
+
+
+def _add_checkpoint_data_flags(p: argparse.ArgumentParser, subset: str) -> None:
+    """The checkpoint and test-data flags that evaluate and explain share."""
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="a .pt checkpoint or model.safetensors")
+    p.add_argument("--data", help="data root (default: the one the model was trained on)")
+    p.add_argument("--dataset", help="cifar10 | imagefolder | synthetic")
+    p.add_argument("--limit-test", type=int, help=subset)
+    p.add_argument("--batch-size", type=int, help="evaluation batch size")
 
 
 def _is_main_process() -> bool:

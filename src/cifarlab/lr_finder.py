@@ -347,21 +347,10 @@ def find_lr_for_run(ctx, *, start: float = DEFAULT_START, end: float = DEFAULT_E
     The optimizer is built exactly as training builds it (same groups, weight decay,
     momentum, bias LR scale) so the suggestion is for the config's ``lr`` key.
     """
-    from cifarlab.engine import build_optimizer
+    from cifarlab.train import make_optimizer
 
     cfg = ctx.cfg
-    optimizer = build_optimizer(
-        ctx.model,
-        cfg.optimizer,
-        lr=start,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-        bias_lr_scale=cfg.bias_lr_scale,
-        muon_lr=cfg.muon_lr,
-        muon_momentum=cfg.muon_momentum,
-        device=ctx.device,
-    )
+    optimizer = make_optimizer(cfg, ctx.model, start, ctx.device)
     return lr_range_test(
         ctx.model,
         optimizer,

@@ -248,6 +248,23 @@ def _init_from_data(model: nn.Module, ds, seed: int) -> None:
     init((ds.train.images[idx].float() - mean) / std)
 
 
+def make_optimizer(cfg: TrainConfig, model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The config's optimizer at peak LR ``lr``: one builder for training and the LR finder,
+    so the finder sweeps exactly the groups, decay and momentum the run will use."""
+    return build_optimizer(
+        model,
+        cfg.optimizer,
+        lr=lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        bias_lr_scale=cfg.bias_lr_scale,
+        muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum,
+        device=device,
+    )
+
+
 def default_run_dir(cfg: TrainConfig) -> Path:
     """runs/<preset or model>-<UTC timestamp>."""
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -366,18 +383,7 @@ def fit(
         lr = distributed.all_reduce_max([lr])[0]
     else:
         lr = float(cfg.lr)
-    optimizer = build_optimizer(
-        model,
-        cfg.optimizer,
-        lr=lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-        weight_decay=cfg.weight_decay,
-        bias_lr_scale=cfg.bias_lr_scale,
-        muon_lr=cfg.muon_lr,
-        muon_momentum=cfg.muon_momentum,
-        device=ctx.device,
-    )
+    optimizer = make_optimizer(cfg, model, lr, ctx.device)
     plan = build_scheduler(
         optimizer,
         cfg.scheduler,
