@@ -868,9 +868,9 @@ class _StepHook:
         dist: distributed.DistInfo,
         saver: _Saver,
         scaler: Any,
-        lookahead: Lookahead | None,
         prior: dict | None,
         payload: Callable[[int, dict], dict],
+        lookahead: Lookahead | None = None,
     ):
         self.epoch = epoch
         self.spe = steps_per_epoch
