@@ -546,11 +546,11 @@ def fit(
             tr_loss, tr_acc = loss_sum / max(n, 1), correct / max(n, 1)
             amp_skipped_epoch = (int(prior.get("amp_skipped", 0)) if prior else 0) + hook.amp_skipped()
             amp_skipped_total += amp_skipped_epoch
-            # TTA multiplies evaluation cost (6 passes for flip-translate); per-epoch numbers only
-            # track progress, so pay for it once, on the final epoch that the run reports.
             last_epoch = epoch + 1 == cfg.epochs
             if last_epoch and lookahead is not None:
                 lookahead.finish()  # evaluate and save the slow weights the run ends on
+            # TTA multiplies evaluation cost (6 passes for flip-translate); per-epoch numbers only
+            # track progress, so pay for it once, on the final epoch that the run reports.
             tta = cfg.tta if last_epoch else "none"
             te = None
             if last_epoch or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
