@@ -166,6 +166,27 @@ def test_bad_config_file_rejected_before_data(cli, tmp_path):
     assert "unknown config key 'learning_rate'" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        # the data path does not exist: these must fail on the config, before any data
+        ('model = "resnet18"\nwhiten_eps = 1e-2\n',
+         "config key 'whiten_eps' applies only to models with a whitening stem (fast, fast-long); model 'resnet18' has none"),
+        ('model = "fast"\nwhiten_eps = 0\n', "config key 'whiten_eps' must be > 0.0"),
+    ],
+)
+def test_whiten_eps_is_checked_before_data(lines, message, tmp_path, monkeypatch, capsys):
+    from cifarlab.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('dataset = "imagefolder"\ndata = "/nonexistent"\ndevice = "cpu"\n' + lines)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_holdout_evaluates_on_held_out_train_images_and_says_so(cli, tmp_path):
     """--holdout N tunes without the test split: N training images become the eval split,
     and every output says "holdout" instead of "test"."""

@@ -298,6 +298,32 @@ def test_fast_whitening_decorrelates_the_fitting_data():
     assert cov.diag()[0] > 0.999, "largest-variance direction comes first and is unscaled"
 
 
+def test_whiten_eps_is_an_architecture_option_that_caps_the_weakest_gain():
+    x = _correlated_images()
+    default = create_model("fast")
+    assert default.spec["kwargs"]["whiten_eps"] == 5e-4  # airbench94's value
+    default.init_from_data(x)
+    model = create_model("fast", whiten_eps=1e-2)
+    assert model.spec["kwargs"]["whiten_eps"] == 1e-2  # recorded, so checkpoints rebuild it
+    model.init_from_data(x)
+    explicit = create_model("fast")
+    explicit.init_from_data(x, eps=1e-2)
+    torch.testing.assert_close(model.features.whiten.weight, explicit.features.whiten.weight)
+    # Filter i is unit eigenvector i scaled by 1/sqrt(eigenvalue_i + eps): both models must
+    # recover the same eigenvalues, and the larger floor cuts the weakest direction's gain
+    # (last filter) far more than the strongest one's (first filter).
+    gain = model.features.whiten.weight[:12].flatten(1).norm(dim=1).double()
+    ref = default.features.whiten.weight[:12].flatten(1).norm(dim=1).double()
+    torch.testing.assert_close(gain**-2 - 1e-2, ref**-2 - 5e-4, rtol=1e-3, atol=1e-6)
+    assert gain[-1] / ref[-1] < 0.6 and gain[0] / ref[0] > 0.99
+
+
+@pytest.mark.parametrize("eps", [0, -1e-3, float("nan"), True, "1e-3"])
+def test_whiten_eps_rejects_non_positive_or_non_numbers(eps):
+    with pytest.raises(CifarlabError, match="whiten_eps"):
+        create_model("fast", whiten_eps=eps)
+
+
 def test_fast_whitening_weights_stay_frozen():
     model = create_model("fast")
     stem = model.features.whiten
@@ -403,7 +429,9 @@ def test_fast_long_is_deeper_wider_and_residual():
 
 
 def test_fast_custom_arch_round_trips_through_spec():
-    model = create_model("fast", widths=(32, 64, 128, 128), depth=1, norm="layer", dropout=0.1)
+    model = create_model(
+        "fast", widths=(32, 64, 128, 128), depth=1, norm="layer", dropout=0.1, whiten_eps=2e-3
+    )
     spec = json.loads(json.dumps(model.spec))
     assert spec == {
         "name": "fast",
@@ -414,6 +442,7 @@ def test_fast_custom_arch_round_trips_through_spec():
             "widths": [32, 64, 128, 128],
             "depth": 1,
             "residual": False,
+            "whiten_eps": 2e-3,
         },
     }
     rebuilt = create_model(spec["name"], **spec["kwargs"])

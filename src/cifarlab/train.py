@@ -171,7 +171,7 @@ def build_context(
     channels_last = resolve_channels_last(cfg.channels_last, device)
     augment = AugmentSpec.parse(cfg.augment)  # validate before touching data
     resize = ResizeSchedule.parse(cfg.progressive_resize)
-    check_model_name(cfg.model)
+    check_model_name(cfg.model, whiten_eps=cfg.whiten_eps)
     if cfg.batch_size % dist.world_size:
         raise CifarlabError(
             f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over "
@@ -222,18 +222,25 @@ def _load_data_in_turn(cfg: TrainConfig, progress: bool, dist: distributed.DistI
             distributed.barrier()
 
 
-def check_model_name(name: str) -> None:
-    """Reject an unknown model before any data is read."""
-    from cifarlab.models import list_models
+def check_model_name(name: str, whiten_eps: float | None = None) -> None:
+    """Reject an unknown model, or a whitening option it has no stem for, before any data is read."""
+    from cifarlab.models.registry import MODELS, list_models
 
     if name not in list_models():
         raise CifarlabError(f"unknown model '{name}'; available: {', '.join(list_models())}")
+    if whiten_eps is not None and "whiten_eps" not in MODELS[name].defaults:
+        stems = ", ".join(m for m in list_models() if "whiten_eps" in MODELS[m].defaults)
+        raise CifarlabError(
+            f"config key 'whiten_eps' applies only to models with a whitening stem ({stems}); "
+            f"model '{name}' has none"
+        )
 
 
 def _make_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from cifarlab.models import create_model
 
-    return create_model(cfg.model, num_classes=num_classes, norm=cfg.norm, dropout=cfg.dropout)
+    extra = {} if cfg.whiten_eps is None else {"whiten_eps": cfg.whiten_eps}
+    return create_model(cfg.model, num_classes=num_classes, norm=cfg.norm, dropout=cfg.dropout, **extra)
 
 
 def _init_from_data(model: nn.Module, ds, seed: int) -> None:

@@ -20,6 +20,7 @@ convs, as airbench96 adds) is the bigger sibling for longer runs.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -234,9 +235,20 @@ class FastNet(nn.Module):
         widths: Sequence[int] = (64, 256, 256),
         depth: int = 2,
         residual: bool = False,
+        whiten_eps: float = WHITEN_EPS,
     ) -> None:
         super().__init__()
         widths = _check_arch(widths, depth, residual)
+        if (
+            not isinstance(whiten_eps, (int, float))
+            or isinstance(whiten_eps, bool)
+            or not math.isfinite(whiten_eps)
+            or whiten_eps <= 0
+        ):
+            raise CifarlabError(f"whiten_eps must be a positive number; got {whiten_eps!r}")
+        #: Eigenvalue floor used by :meth:`init_from_data` (part of the architecture spec,
+        #: so a checkpoint says how its stem was fitted).
+        self.whiten_eps = float(whiten_eps)
         whiten = PatchWhitening(3, WHITEN_KERNEL)
         layers: OrderedDict[str, nn.Module] = OrderedDict(whiten=whiten, whiten_act=nn.GELU())
         in_channels = whiten.out_channels
@@ -258,10 +270,11 @@ class FastNet(nn.Module):
         """Map (B, 3, H, W) images to (B, num_classes) logits."""
         return self.head(self.features(x))
 
-    def init_from_data(self, images: torch.Tensor, eps: float = WHITEN_EPS) -> None:
+    def init_from_data(self, images: torch.Tensor, eps: float | None = None) -> None:
         """Fit the whitening stem to a normalised float training batch (N, 3, H, W).
 
         Call once before training (airbench94 uses 5000 training images); it only sets the
-        frozen stem weight and its bias, and may be called again to refit.
+        frozen stem weight and its bias, and may be called again to refit. ``eps`` defaults
+        to the model's ``whiten_eps``.
         """
-        self.features.whiten.init_from_data(images, eps=eps)
+        self.features.whiten.init_from_data(images, eps=self.whiten_eps if eps is None else eps)

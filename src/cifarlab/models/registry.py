@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from cifarlab.errors import CifarlabError
-from cifarlab.models.fastnet import FastNet
+from cifarlab.models.fastnet import WHITEN_EPS, FastNet
 from cifarlab.models.norm import NORMS
 from cifarlab.models.resnet import resnet18, resnet34
 
@@ -44,14 +44,18 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
         "resnet34": ModelSpec(resnet34, _NO_EXTRAS, "CIFAR ResNet34, 21.3M parameters"),
         "fast": ModelSpec(
             FastNet,
-            MappingProxyType({"widths": (64, 256, 256), "depth": 2, "residual": False}),
+            MappingProxyType(
+                {"widths": (64, 256, 256), "depth": 2, "residual": False, "whiten_eps": WHITEN_EPS}
+            ),
             "airbench94-style: whitening stem + 6 convs, 2.0M parameters",
         ),
         "fast-long": ModelSpec(
             FastNet,
             # Wider and one conv deeper per group with a residual, after airbench96
             # (which uses 128/512/512); 384 in the middle keeps it under 10M parameters.
-            MappingProxyType({"widths": (128, 384, 512), "depth": 3, "residual": True}),
+            MappingProxyType(
+                {"widths": (128, 384, 512), "depth": 3, "residual": True, "whiten_eps": WHITEN_EPS}
+            ),
             "airbench96-style: whitening stem + 9 residual convs, 9.9M parameters",
         ),
     }
