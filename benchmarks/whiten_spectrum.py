@@ -6,7 +6,8 @@ training split, normalised like training (as ``cifarlab train`` does); filter i 
 eigenvector i scaled by 1/sqrt(eigenvalue_i + eps), so its norm is the gain and the
 eigenvalue is recovered as gain**-2 - eps. It also prints the variance of each 2x2 Haar
 component (mean, horizontal, vertical and diagonal detail) of the luma and chroma planes
-(JPEG's YCbCr), to show which patch directions an encoder's chroma subsampling emptied.
+(JPEG's YCbCr), to show which patch directions an encoder's chroma subsampling emptied,
+and (image folders) the JPEG chroma subsampling of every ``--check-every``-th file.
 Last line: one JSON object.
 
     python benchmarks/whiten_spectrum.py --data ../shared/datasets/cifar10-jpeg --eps 5e-4,5e-3,5e-2
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--eps", default="5e-4,5e-3,5e-2", help="comma list of whiten_eps values")
     p.add_argument("--images", type=int, default=5000, help="fitting subset size (training uses 5000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--check-every", type=int, default=200, help="read the JPEG header of every N-th file")
     args = p.parse_args(argv)
 
     from cifarlab.data.sources import load_dataset
@@ -66,9 +68,28 @@ def main(argv=None) -> int:
         var = (patches @ haar.T).var(0)
         result["haar_variance"][name] = [float(f"{v:.3g}") for v in var.tolist()]
         print(f"{name:2s} Haar variance (mean, horiz., vert., diag.): " + " ".join(f"{v:.2e}" for v in var.tolist()))
+    if args.dataset == "imagefolder":
+        result["jpeg_subsampling"] = _jpeg_subsampling(args.data, args.check_every)
+        print(f"JPEG chroma subsampling of every {args.check_every}th file: {result['jpeg_subsampling']}")
     print("eigenvalues (largest first): " + " ".join(f"{v:.2e}" for v in result["eigenvalues"]))
     print(json.dumps(result))
     return 0
+
+
+def _jpeg_subsampling(root: str, every: int) -> dict[str, int]:
+    """Count the chroma subsampling of every ``every``-th file (sorted paths) under root."""
+    from collections import Counter
+    from pathlib import Path
+
+    from PIL import Image, JpegImagePlugin
+
+    names = {0: "4:4:4", 1: "4:2:2", 2: "4:2:0"}
+    counts: Counter[str] = Counter()
+    for path in sorted(Path(root).glob("*/*/*"))[::every]:
+        with Image.open(path) as im:
+            kind = names.get(JpegImagePlugin.get_sampling(im), "other") if im.format == "JPEG" else im.format
+        counts[str(kind)] += 1
+    return dict(counts)
 
 
 if __name__ == "__main__":
