@@ -36,6 +36,8 @@ from cifarlab.models.norm import make_norm
 WHITEN_KERNEL = 2
 #: Added to each patch-covariance eigenvalue before the 1/sqrt scaling; airbench94 uses 5e-4.
 #: It caps the gain of the noisiest (smallest-eigenvalue, highest-frequency) directions.
+#: The default of ``FastNet(whiten_eps=...)``: JPEG data with subsampled chroma has far
+#: weaker fine colour detail than the original CIFAR-10 files (benchmarks/whiten_spectrum.py).
 WHITEN_EPS = 5e-4
 #: airbench94 multiplies the logits by 1/9 ("scaling_factor"): a fixed softmax temperature
 #: tuned together with its learning rate and label smoothing (0.2). It keeps the initial
