@@ -33,15 +33,12 @@ def main(argv=None) -> int:
 
     from cifarlab.data.sources import load_dataset
     from cifarlab.models import create_model
+    from cifarlab.train import stem_fit_batch
 
     ds = load_dataset(args.dataset, args.data)
-    g = torch.Generator().manual_seed(args.seed)
-    idx = torch.randperm(len(ds.train), generator=g)[: args.images]
-    mean = torch.tensor(ds.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(ds.std).view(1, 3, 1, 1) * 255
-    x = (ds.train.images[idx].float() - mean) / std  # (N, 3, 32, 32), normalised like training
+    x = stem_fit_batch(ds, args.seed, args.images)  # (N, 3, 32, 32), exactly what training fits on
 
-    result: dict = {"data": args.data, "images": len(idx), "seed": args.seed, "gain": {}}
+    result: dict = {"data": args.data, "images": len(x), "seed": args.seed, "gain": {}}
     for eps in (float(e) for e in args.eps.split(",")):
         model = create_model("fast", whiten_eps=eps)
         model.init_from_data(x)
@@ -51,8 +48,8 @@ def main(argv=None) -> int:
         result["eigenvalues"] = [float(f"{v:.3g}") for v in (gain**-2 - eps).tolist()]
         result["gain"][f"{eps:g}"] = [round(v, 2) for v in gain.tolist()]
         print(f"eps {eps:g}: gains " + " ".join(f"{v:.1f}" for v in gain.tolist()))
-    # JPEG's RGB -> YCbCr (ITU-R BT.601, full range), on the fitting subset in [0, 1].
-    rgb = ds.train.images[idx].double() / 255
+    # JPEG's RGB -> YCbCr (ITU-R BT.601, full range), on the fitting subset back in [0, 1].
+    rgb = x.double() * torch.tensor(ds.std).view(1, 3, 1, 1) + torch.tensor(ds.mean).view(1, 3, 1, 1)
     to_ycbcr = torch.tensor(
         [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]],
         dtype=torch.float64,

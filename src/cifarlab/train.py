@@ -248,11 +248,17 @@ def _init_from_data(model: nn.Module, ds, seed: int) -> None:
     init = getattr(model, "init_from_data", None)
     if init is None:
         return
+    init(stem_fit_batch(ds, seed))
+
+
+def stem_fit_batch(ds, seed: int, images: int = _WHITEN_IMAGES) -> torch.Tensor:
+    """The batch a run fits its whitening stem on: ``images`` training images drawn with
+    ``seed``, normalised like training, as a float (N, C, H, W) tensor on the CPU."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(ds.train), generator=g)[:_WHITEN_IMAGES]
+    idx = torch.randperm(len(ds.train), generator=g)[:images]
     mean = torch.tensor(ds.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(ds.std).view(1, 3, 1, 1) * 255
-    init((ds.train.images[idx].float() - mean) / std)
+    return (ds.train.images[idx].float() - mean) / std
 
 
 def make_optimizer(cfg: TrainConfig, model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
