@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
     args = p.parse_args(argv)
+    from cifarlab.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the cifarlab command does (CIFARLAB_KEEP_FREED_MEMORY=0: off)
 
     from cifarlab.engine import autocast, resolve_channels_last, resolve_device, resolve_precision
     from cifarlab.models import create_model

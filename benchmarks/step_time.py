@@ -30,6 +30,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3, help="steps per timed window")
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args(argv)
+    from cifarlab.hostmem import keep_freed_memory
+
+    keep_freed_memory()  # as the cifarlab command does (CIFARLAB_KEEP_FREED_MEMORY=0: off)
 
     from cifarlab.data import AugmentSpec, DeviceLoader, Split
     from cifarlab.engine import autocast, build_optimizer, resolve_channels_last, resolve_device, resolve_precision

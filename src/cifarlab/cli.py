@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from cifarlab.config import NORMS
 from cifarlab.errors import CifarlabError, TrainingInterrupted
+from cifarlab.hostmem import keep_freed_memory
 
 EXIT_USAGE = 2
 
@@ -353,6 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cifarlab`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command owns its process, so it may set the allocator (see hostmem: CPU steps
+    # run up to 25% faster when freed activations are not page-faulted in again).
+    keep_freed_memory()
     try:
         return args.func(args)
     except TrainingInterrupted as exc:
