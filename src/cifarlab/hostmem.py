@@ -7,7 +7,7 @@ activation of its first block), so each step page-faults all of them in again, a
 zero-fill of max-pool's backward, the first write to those pages, pays for it. In a VM a
 page fault is expensive: on the 2026-12-02 Intel Xeon (AMX) machine, zeroing a freshly
 allocated 67 MB tensor took 12.6 ms against 1.3 ms for the same tensor reused, and the
-fast net's step at batch 1024 ran 25% faster with freed memory kept (README, Results).
+fast net's step at batch 1024 ran 23% faster with freed memory kept (README, Results).
 
 Keeping freed memory in the heap is what jemalloc/tcmalloc (Intel's recommendation for
 PyTorch on CPUs) achieve by preloading; ``mallopt`` gets the same effect with nothing to
