@@ -218,8 +218,12 @@ def test_cli_bad_image_folder_is_one_line_and_skip_bad_trains(tmp_path):
     root = tmp_path / "data"
     paths = messy_tree(root, filler=300)
     env = {"CIFARLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    # fp32: on an AMX Xeon (2026-12-02) bf16 training of the fast net on these flat-colour
+    # filler images diverged at step 2-3 (SGD at lr 0.1 too) while fp32 trained; this test
+    # is about unreadable files, so it must not depend on how bf16 copes with such data.
     common = ["train", "--dataset", "imagefolder", "--data", str(root), "--model", "fast", "--epochs", "1",
-              "--batch-size", "64", "--limit-test", "2", "--device", "cpu", "--tta", "none", "--no-report"]
+              "--batch-size", "64", "--limit-test", "2", "--device", "cpu", "--tta", "none", "--no-report",
+              "--precision", "fp32"]
     proc = run_cli(*common, "--out", str(tmp_path / "r1"), env=env)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
