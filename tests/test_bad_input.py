@@ -218,9 +218,9 @@ def test_cli_bad_image_folder_is_one_line_and_skip_bad_trains(tmp_path):
     root = tmp_path / "data"
     paths = messy_tree(root, filler=300)
     env = {"CIFARLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    # fp32: on an AMX Xeon (2026-12-02) bf16 training of the fast net on these flat-colour
-    # filler images diverged at step 2-3 (SGD at lr 0.1 too) while fp32 trained; this test
-    # is about unreadable files, so it must not depend on how bf16 copes with such data.
+    # fp32: on these flat-colour filler images the first step throws the whitening bias to
+    # 2e7 (fp32) or 1.6e30 (bf16, then NaN at step 3; seen on an AMX Xeon, 2026-12-02).
+    # This test is about unreadable files, so it must not depend on that (README, Precision).
     common = ["train", "--dataset", "imagefolder", "--data", str(root), "--model", "fast", "--epochs", "1",
               "--batch-size", "64", "--limit-test", "2", "--device", "cpu", "--tta", "none", "--no-report",
               "--precision", "fp32"]
