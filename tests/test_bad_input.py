@@ -219,7 +219,8 @@ def test_cli_bad_image_folder_is_one_line_and_skip_bad_trains(tmp_path):
     paths = messy_tree(root, filler=300)
     env = {"CIFARLAB_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     # fp32: on these flat-colour filler images the first step throws the whitening bias to
-    # 2e7 (fp32) or 1.6e30 (bf16, then NaN at step 3; seen on an AMX Xeon, 2026-12-02).
+    # ~4e6 (fp32) or ~5e28 (bf16, then NaN at step 3; AMX Xeon, 2026-12-02,
+    # benchmarks/flat_images_bias.py).
     # This test is about unreadable files, so it must not depend on that (README, Precision).
     common = ["train", "--dataset", "imagefolder", "--data", str(root), "--model", "fast", "--epochs", "1",
               "--batch-size", "64", "--limit-test", "2", "--device", "cpu", "--tta", "none", "--no-report",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -43,9 +45,6 @@ _CHILD = textwrap.dedent(
 
 
 def _child(env_extra: dict[str, str]) -> dict:
-    import json
-    import os
-
     env = {**os.environ, **env_extra}
     done = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -355,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # The command owns its process, so it may set the allocator (see hostmem: CPU steps
-    # ran up to 23% faster when freed activations are not page-faulted in again).
+    # ran 21-23% faster when freed activations are not page-faulted in again).
     keep_freed_memory()
     try:
         return args.func(args)

@@ -6,8 +6,9 @@ frees activations of that size every step (the fast net at batch 1024: 134 MB pe
 activation of its first block), so each step page-faults all of them in again, and the
 zero-fill of max-pool's backward, the first write to those pages, pays for it. In a VM a
 page fault is expensive: on the 2026-12-02 Intel Xeon (AMX) machine, zeroing a freshly
-allocated 67 MB tensor took 12.6 ms against 1.3 ms for the same tensor reused, and the
-fast net's step at batch 1024 ran 23% faster with freed memory kept (README, Results).
+allocated 67 MB tensor took 14-16 ms and 16,384 page faults against 4.2-4.3 ms for the
+same tensor reused (benchmarks/alloc_fill.py), and the fast net's step at batch 1024 ran
+21-23% faster with freed memory kept (benchmarks/step_time.py; README, Results).
 
 Keeping freed memory in the heap is what jemalloc/tcmalloc (Intel's recommendation for
 PyTorch on CPUs) achieve by preloading; ``mallopt`` gets the same effect with nothing to
