@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
     keep_freed_memory()  # as the cifarlab command does (CIFARLAB_KEEP_FREED_MEMORY=0: off)
 
-    from cifarlab.engine import autocast, resolve_channels_last, resolve_device, resolve_precision
+    from cifarlab.engine import autocast, prepare_model, resolve_channels_last, resolve_device, resolve_gemm_convs, resolve_precision
     from cifarlab.models import create_model
     from cifarlab.summary import model_summary
 
@@ -36,10 +36,11 @@ def main(argv=None) -> int:
     precision = resolve_precision("auto", device)
     channels_last = resolve_channels_last("auto", device)
     torch.manual_seed(0)
+    gemm_convs = resolve_gemm_convs("auto", device, precision)
     model = create_model(args.model).to(device)
     macs = model_summary(model).macs_per_image
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = prepare_model(model, device, channels_last, gemm_convs)  # as `cifarlab train` does
     x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     gflops = img_s * macs * 2 * 3 / 1e9
     print(json.dumps({
         "model": args.model, "batch_size": args.batch_size, "device": str(device), "precision": precision,
-        "channels_last": channels_last, "img_s_under_profiler": round(img_s, 1),
+        "channels_last": channels_last, "gemm_convs": gemm_convs, "img_s_under_profiler": round(img_s, 1),
         "train_gflop_s": round(gflops, 1), "macs_per_image": macs,
         "top_ops": {e.key: round(100 * e.self_cpu_time_total / total, 1) for e in top},
         "date": time.strftime("%Y-%m-%d"),

@@ -35,12 +35,14 @@ def main(argv=None) -> int:
     keep_freed_memory()  # as the cifarlab command does (CIFARLAB_KEEP_FREED_MEMORY=0: off)
 
     from cifarlab.data import AugmentSpec, DeviceLoader, Split
-    from cifarlab.engine import autocast, build_optimizer, resolve_channels_last, resolve_device, resolve_precision
+    from cifarlab.engine import (autocast, build_optimizer, prepare_model, resolve_channels_last, resolve_device,
+                                 resolve_gemm_convs, resolve_precision)
     from cifarlab.models import create_model
 
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
     channels_last = resolve_channels_last("auto", device)
+    gemm_convs = resolve_gemm_convs("auto", device, precision)
     settings = []
     for text in args.settings.split(","):
         batch, opt_name, *size = text.split(":")
@@ -48,12 +50,11 @@ def main(argv=None) -> int:
     n = max(b for b, _, _ in settings) * (args.steps + args.warmup)
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g))
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     runners = []
     for batch, opt_name, size in settings:
         torch.manual_seed(0)
-        model = create_model(args.model).to(device).to(memory_format=fmt).train()
+        model = prepare_model(create_model(args.model), device, channels_last, gemm_convs).train()
         opt = build_optimizer(model, opt_name, lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-3, bias_lr_scale=64, device=device)
         loader = DeviceLoader(split, batch, device=device, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True,
                               augment=AugmentSpec.parse(args.augment), drop_last=True, channels_last=channels_last,

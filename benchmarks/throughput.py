@@ -98,17 +98,18 @@ class Method:
 
 def bench_model(name, data, device, batch_size, windows, steps_per_window, warmup, workers):
     from cifarlab.data import AugmentSpec, DeviceLoader
-    from cifarlab.engine import resolve_channels_last, resolve_precision
+    from cifarlab.engine import prepare_model, resolve_channels_last, resolve_gemm_convs, resolve_precision
     from cifarlab.models import create_model
 
     torch.manual_seed(0)
     typical_model = create_model(name).to(device)
-    fast_model = create_model(name).to(device)
+    fast_model = create_model(name)
     fast_model.load_state_dict(typical_model.state_dict())
     precision = resolve_precision("auto", device)
     channels_last = resolve_channels_last("auto", device)
-    if channels_last:
-        fast_model = fast_model.to(memory_format=torch.channels_last)
+    gemm_convs = resolve_gemm_convs("auto", device, precision)
+    # The model exactly as `cifarlab train` prepares it for this device.
+    fast_model = prepare_model(fast_model, device, channels_last, gemm_convs)
 
     tl = typical_loader(data.train.images, data.train.labels, batch_size, data.mean, data.std, workers)
     typical = Method("typical", typical_model, endless(lambda e: tl), device, "fp32", False)
@@ -135,6 +136,7 @@ def bench_model(name, data, device, batch_size, windows, steps_per_window, warmu
         "ratio": round(o / t, 3),
         "cifarlab_precision": precision,
         "cifarlab_channels_last": channels_last,
+        "cifarlab_gemm_convs": gemm_convs,
         "typical_windows": [round(r, 1) for r in typical.rates],
         "cifarlab_windows": [round(r, 1) for r in ours.rates],
     }

@@ -29,6 +29,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TTA_MODES = ("none", "flip", "flip-translate")
 ANNEALS = ("cos", "linear")
 CHANNELS_LAST = ("auto", "on", "off")
+GEMM_CONVS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,10 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto = bf16 where the hardware runs it fast, else fp32
     channels_last: str = "auto"
+    # Convs onto small maps (ResNet18's layer4, the fast net's last group) as im2col
+    # matmuls instead of oneDNN's kernels (cifarlab/gemm_conv.py); auto = on where that
+    # was measured to be faster: bf16 on CPUs with AMX, and not under compile.
+    gemm_convs: str = "auto"
     compile: bool = False
     seed: int = 0
     out: str | None = None  # run directory; default runs/<preset or model>-<timestamp>
@@ -122,6 +127,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "tta": TTA_MODES,
     "anneal": ANNEALS,
     "channels_last": CHANNELS_LAST,
+    "gemm_convs": GEMM_CONVS,
 }
 
 # (low, high, low_inclusive) bounds for numeric fields; high None = unbounded.

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.errors import CifarlabError
+from cifarlab.gemm_conv import use_gemm_convs
 
 
 # ----------------------------------------------------------------------------- device
@@ -69,6 +70,36 @@ def resolve_channels_last(setting: str, device: torch.device) -> bool:
     if setting == "auto":
         return device.type == "cuda" or torch.backends.mkldnn.is_available()
     return setting == "on"
+
+
+def cpu_has_amx() -> bool:
+    """True when the CPU has AMX-BF16 matrix units (Intel Xeon since Sapphire Rapids)."""
+    try:
+        return bool(torch.cpu.get_capabilities().get("amx_bf16"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_gemm_convs(setting: str, device: torch.device, precision: str, compiled: bool = False) -> bool:
+    """Whether small-map convs run as im2col matmuls (:mod:`cifarlab.gemm_conv`).
+
+    'auto' turns them on only where they were measured faster (bf16 on a CPU with AMX:
+    ResNet18's training step 1.29x, benchmarks/conv_paths.py) and leaves torch.compile's
+    graphs alone; on CUDA cuDNN's kernels are fast at every map size.
+    """
+    if setting == "auto":
+        return device.type == "cpu" and precision == "bf16" and cpu_has_amx() and not compiled
+    return setting == "on"
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool, gemm_convs: bool) -> nn.Module:
+    """Move ``model`` to ``device`` in the memory format and conv path chosen for it."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if gemm_convs:
+        use_gemm_convs(model)
+    return model
 
 
 # -------------------------------------------------------------------------- optimizer

@@ -14,8 +14,10 @@ from cifarlab.engine import (
     EpochResult,
     confusion_matrix,
     per_class_accuracy,
+    prepare_model,
     resolve_channels_last,
     resolve_device,
+    resolve_gemm_convs,
     resolve_precision,
     run_epoch,
 )
@@ -46,9 +48,8 @@ def load_for_inference(checkpoint: str, overrides: dict[str, Any] | None = None,
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     channels_last = resolve_channels_last(cfg.channels_last, device)
-    model = build_model(ckpt).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    gemm_convs = resolve_gemm_convs(cfg.gemm_convs, device, precision)
+    model = prepare_model(build_model(ckpt), device, channels_last, gemm_convs)
     ds = None
     if load_data:
         ds = _load_data(cfg)

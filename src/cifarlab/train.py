@@ -43,8 +43,10 @@ from cifarlab.engine import (
     NonFiniteLossError,
     build_optimizer,
     build_scheduler,
+    prepare_model,
     resolve_channels_last,
     resolve_device,
+    resolve_gemm_convs,
     resolve_precision,
     run_epoch,
 )
@@ -77,6 +79,7 @@ class RunContext:
     model: nn.Module
     train_loader: Any  # cifarlab.data.DeviceLoader
     test_loader: Any
+    gemm_convs: bool = False  # small-map convs run as matmuls (cifarlab.gemm_conv)
 
 
 @dataclass
@@ -182,9 +185,8 @@ def build_context(
     torch.manual_seed(cfg.seed)  # model init is part of the run's reproducibility
     model = _make_model(cfg, num_classes=len(ds.classes))
     _init_from_data(model, ds, cfg.seed)
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    gemm_convs = resolve_gemm_convs(cfg.gemm_convs, device, precision, compiled=cfg.compile)
+    model = prepare_model(model, device, channels_last, gemm_convs)
     common = dict(device=device, mean=ds.mean, std=ds.std, channels_last=channels_last)
     train_loader = DeviceLoader(
         ds.train,
@@ -204,7 +206,7 @@ def build_context(
     if dist.enabled:  # no wrap-around padding here: every test image counted once
         test = Split(test.images[dist.rank :: dist.world_size], test.labels[dist.rank :: dist.world_size])
     test_loader = DeviceLoader(test, cfg.eval_batch_size, shuffle=False, **common)
-    return RunContext(cfg, device, precision, channels_last, ds, model, train_loader, test_loader)
+    return RunContext(cfg, device, precision, channels_last, ds, model, train_loader, test_loader, gemm_convs)
 
 
 def _load_data_in_turn(cfg: TrainConfig, progress: bool, dist: distributed.DistInfo):
@@ -370,6 +372,7 @@ def fit(
         f"model {cfg.model} ({cfg.norm} norm, {sum(p.numel() for p in ctx.model.parameters()):,} params) | "
         f"device {env['device']} ({env['device_name']}), precision {ctx.precision}"
         + (", channels_last" if ctx.channels_last else "")
+        + (", small-map convs as matmuls" if ctx.gemm_convs else "")
         + f" | ready in {ready_s:.1f}s"
         + (f" | {dist.world_size} processes ({dist.backend}), {cfg.batch_size // dist.world_size} images each per step" if dist.enabled else "")
     )
