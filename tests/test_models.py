@@ -298,6 +298,43 @@ def test_fast_whitening_decorrelates_the_fitting_data():
     assert cov.diag()[0] > 0.999, "largest-variance direction comes first and is unscaled"
 
 
+def _rank_deficient_images(kind: str, n: int = 64) -> torch.Tensor:
+    """Images spanning few 2x2 patch directions, normalised per channel like training.
+
+    ``"flat"``: one colour each, like tests/test_bad_input.py's image folder (3 of 12
+    directions): a red ramp with green = blue = 0, and 4 images of other colours.
+    ``"gray"``: R = G = B (4 of 12).
+    """
+    if kind == "gray":
+        return _correlated_images(n)[:, :1].expand(n, 3, 32, 32).contiguous()
+    colours = torch.zeros(n, 3, 1, 1)
+    colours[:, 0, 0, 0] = torch.arange(n) * 4.0
+    colours[:4, :, 0, 0] = torch.tensor([[128.0, 128, 128], [255, 128, 0], [77, 77, 77], [10, 220, 40]])
+    x = colours.expand(n, 3, 32, 32)
+    mean, std = x.mean((0, 2, 3), keepdim=True), x.std((0, 2, 3), keepdim=True, unbiased=False)
+    return ((x - mean) / std).contiguous()
+
+
+@pytest.mark.parametrize("kind, rank", [("flat", 3), ("gray", 4)])
+def test_fast_stem_on_rank_deficient_data_has_no_dead_channels(kind, rank):
+    # Regression: whitening the directions such data does not span gave channels of pure
+    # rounding noise (std ~1e-6), BatchNorm (eps 1e-12) blew up their gradients, and on the
+    # flat images the stem bias gradient came out ~1300 instead of ~0.003 (README,
+    # Precision on CPUs).
+    torch.manual_seed(0)
+    model = create_model("fast", num_classes=2)
+    x = _rank_deficient_images(kind)
+    model.init_from_data(x)
+    out = _stem_output(model, x)
+    assert out.std(0).min() > 0.05, "every stem channel must carry the data's variance"
+    filters = model.features.whiten.weight[:12].flatten(1)
+    torch.testing.assert_close(filters[rank:], filters[torch.arange(rank, 12) % rank], rtol=0, atol=0)
+    model.train()
+    F.cross_entropy(model(x), torch.arange(x.shape[0]) % 2).backward()
+    grad = model.features.whiten.bias.grad
+    assert torch.isfinite(grad).all() and grad.abs().max() < 0.1, grad.abs().max()
+
+
 def test_whiten_eps_is_an_architecture_option_that_caps_the_weakest_gain():
     x = _correlated_images()
     default = create_model("fast")

@@ -58,6 +58,8 @@ class PatchWhitening(nn.Conv2d):
 
     The first ``C*k*k`` filters are the eigenvectors of the patch covariance scaled by
     ``1/sqrt(eigenvalue + eps)`` (largest eigenvalue first), the other half their negatives.
+    Data that spans only ``r`` patch directions (numerical rank of the covariance, e.g. 4
+    for grayscale images) gets its ``r`` informative filters repeated in the other slots.
     The weight never trains (``requires_grad=False``); the bias is learnable, set by
     :meth:`init_from_data` so the whitened output is centred on the fitting data (airbench94
     trains this bias for the first 3 epochs only, then freezes it).
@@ -122,6 +124,18 @@ class PatchWhitening(nn.Conv2d):
         eigenvalues = eigenvalues.flip(0).clamp_min(0.0)
         eigenvectors = eigenvectors.flip(1)
         filters = eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]
+        # Directions the data does not span (flat-colour images span 3 of the 12, grayscale
+        # ones 4) come out with eigenvalues at float64 round-off. Whitened, they would be
+        # channels of pure rounding noise (fp32) or exact constants (bf16), which the
+        # BatchNorm behind the identity-initialised conv1 (eps 1e-12) treats as signal: it
+        # scales their gradient by up to 1e6 per layer, and the bias gradient, a sum of
+        # such terms that should cancel, came out ~2e7 times its true value (README,
+        # Precision on CPUs). Those slots repeat the informative filters instead, so every
+        # stem channel carries data. Photos span all 12 (CIFAR-10: smallest eigenvalue
+        # 1e-5 of the largest, the cut-off is 3e-15 of it) and are fitted exactly as before.
+        rank = int((eigenvalues > eigenvalues[0] * dims * torch.finfo(torch.float64).eps).sum())
+        if 0 < rank < dims:
+            filters[rank:] = filters[torch.arange(rank, dims) % rank]
         shift = -(filters @ mean)
         self.weight.copy_(torch.cat([filters, -filters]).view_as(self.weight))
         self.bias.copy_(torch.cat([shift, -shift]))
