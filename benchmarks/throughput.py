@@ -96,7 +96,7 @@ class Method:
         return time.perf_counter() - start
 
 
-def bench_model(name, data, device, batch_size, windows, steps_per_window, warmup, workers):
+def bench_model(name, data, device, batch_size, windows, steps_per_window, warmup, workers, gemm_setting="auto"):
     from cifarlab.data import AugmentSpec, DeviceLoader
     from cifarlab.engine import prepare_model, resolve_channels_last, resolve_gemm_convs, resolve_precision
     from cifarlab.models import create_model
@@ -107,7 +107,7 @@ def bench_model(name, data, device, batch_size, windows, steps_per_window, warmu
     fast_model.load_state_dict(typical_model.state_dict())
     precision = resolve_precision("auto", device)
     channels_last = resolve_channels_last("auto", device)
-    gemm_convs = resolve_gemm_convs("auto", device, precision)
+    gemm_convs = resolve_gemm_convs(gemm_setting, device, precision)
     # The model exactly as `cifarlab train` prepares it for this device.
     fast_model = prepare_model(fast_model, device, channels_last, gemm_convs)
 
@@ -152,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method first")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the typical pipeline")
     p.add_argument("--device", default="auto")
+    p.add_argument("--gemm-convs", default="auto", choices=("auto", "on", "off"),
+                   help="cifarlab's small-map conv path (the gemm_convs config key); off measures it without")
     args = p.parse_args(argv)
 
     from cifarlab.data import load_dataset
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
     data = load_dataset("imagefolder", args.data) if args.data else load_dataset("synthetic", None, synthetic_train=5000)
     results = {}
     for name in args.models.split(","):
-        r = bench_model(name, data, device, args.batch_size, args.windows, args.steps, args.warmup, args.workers)
+        r = bench_model(name, data, device, args.batch_size, args.windows, args.steps, args.warmup, args.workers, args.gemm_convs)
         results[name] = r
         print(
             f"{name}: typical {r['typical_img_s']} img/s, cifarlab {r['cifarlab_img_s']} img/s "
