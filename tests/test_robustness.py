@@ -248,33 +248,14 @@ def torchrun(*args: str, fault: str | None = None) -> subprocess.CompletedProces
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
-# On the 2026-12-02 AMX Xeon, 3 of 8 full CI runs saw one torchrun rank abort with this
-# line (SIGABRT from std::terminate), in both a fresh and a resumed run, with and without
-# cifarlab's allocator setting; isolated reruns of these tests (16) never did. Cause not
-# found. A scenario that meets it is run once more from scratch, and only for this line:
-# any other failure, or the same abort twice, still fails the test.
-_TEARDOWN_ABORT = "terminate called without an active exception"
-
-
-def _once_more_on_abort(scenario):
-    """Run ``scenario(attempt)``; on the known rank abort, run it again once, fresh."""
-    try:
-        return scenario(0)
-    except AssertionError as exc:
-        if _TEARDOWN_ABORT not in str(exc):
-            raise
-    return scenario(1)
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    def scenario(attempt: int):
-        out = tmp_path_factory.mktemp(f"ddp{attempt}") / "run"
-        proc = torchrun(*TINY, "--out", str(out))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return out, proc
-
-    return _once_more_on_abort(scenario)
+    # Until fit() ended on a barrier, about 1 in 8 of these runs lost a rank to SIGABRT
+    # ("terminate called without an active exception") in the gloo teardown.
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    proc = torchrun(*TINY, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
 
 
 def test_torchrun_matches_the_single_process_run_and_its_checkpoint_loads_in_one_process(ddp_run, reference):
@@ -299,18 +280,15 @@ def test_torchrun_matches_the_single_process_run_and_its_checkpoint_loads_in_one
 def test_torchrun_interrupted_on_one_rank_resumes_bitwise_identical(ddp_run, tmp_path):
     reference_ddp, _ = ddp_run
 
-    def scenario(attempt: int):
-        out = tmp_path / f"run{attempt}"
-        # A real SIGINT to rank 0 only after step 10: both ranks must stop at the same step.
-        proc = torchrun(*TINY, "--out", str(out), fault="int@step=10/r0")
-        assert proc.returncode != 0 and "interrupted by SIGINT at step 2/8 of epoch 2" in proc.stderr, proc.stderr[-3000:]
-        assert "torchrun --nproc_per_node=2 -m cifarlab train" in proc.stderr
-        assert read_checkpoint(out / "checkpoints" / "last.pt")["step"] == 10
-        proc = torchrun("--out", str(out), "--resume", "--no-report")
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert_same_run(reference_ddp, out, "(torchrun, SIGINT on rank 0 after step 10)")
-
-    _once_more_on_abort(scenario)
+    out = tmp_path / "run"
+    # A real SIGINT to rank 0 only after step 10: both ranks must stop at the same step.
+    proc = torchrun(*TINY, "--out", str(out), fault="int@step=10/r0")
+    assert proc.returncode != 0 and "interrupted by SIGINT at step 2/8 of epoch 2" in proc.stderr, proc.stderr[-3000:]
+    assert "torchrun --nproc_per_node=2 -m cifarlab train" in proc.stderr
+    assert read_checkpoint(out / "checkpoints" / "last.pt")["step"] == 10
+    proc = torchrun("--out", str(out), "--resume", "--no-report")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(reference_ddp, out, "(torchrun, SIGINT on rank 0 after step 10)")
 
 
 def test_a_finished_run_is_never_overwritten_and_resume_keeps_its_config(reference, capsys):

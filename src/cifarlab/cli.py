@@ -9,12 +9,13 @@ stopped by SIGINT/SIGTERM saves a checkpoint, says how to resume and exits 130/1
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any, Callable, Sequence
 
 from cifarlab.config import NORMS
-from cifarlab.errors import CifarlabError, TrainingInterrupted
+from cifarlab.errors import CifarlabError, TrainingInterrupted, TrainingStopped
 from cifarlab.hostmem import keep_freed_memory
 
 EXIT_USAGE = 2
@@ -125,6 +126,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_config(preset=preset, config_file=args.config, overrides=overrides)
     try:
         fit(cfg, resume=args.resume, report=not args.no_report, resume_overrides=overrides if args.resume else None)
+    except (TrainingInterrupted, TrainingStopped):
+        # The ranks stopped at the same step by agreement, and rank 0 may still be
+        # writing: leave together, as fit() does at its end (a rank that tore its gloo
+        # group down first could die with SIGABRT). Best effort: when rank 0 alone failed
+        # to save, the others stop with a plain error and leave, which shows here as a
+        # closed connection; the stop's own message must still be the one printed.
+        # Other errors skip this: a crashed rank would never arrive.
+        with contextlib.suppress(Exception):
+            distributed.barrier()
+        raise
     finally:
         distributed.cleanup()  # leave a torchrun process group cleanly, also on errors
     return 0

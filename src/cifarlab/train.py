@@ -655,6 +655,11 @@ def fit(
         from cifarlab.report.build import after_training
 
         after_training(run_dir, model=model, dataset=ds, final_eval=final_eval, epoch=cfg.epochs, write_report=report, log=log)
+    # Every rank leaves together. A rank that returned early destroyed its gloo process
+    # group while rank 0 was still writing files, and about 1 in 8 two-process runs on
+    # the AMX Xeon then died in that teardown ("terminate called without an active
+    # exception", SIGABRT; 0 in 40 with this barrier, 2026-12-03).
+    distributed.barrier()
     return result
 
 
