@@ -1,9 +1,9 @@
 """Convolution as one matrix multiply (im2col GEMM), for the small maps where oneDNN is slow on CPU.
 
-On the AMX Xeon (2026-12-03, ``benchmarks/conv_paths.py``) oneDNN's bf16 convolution
-*backward* ran far below its forward on maps of 4x4 to 8x8 pixels: ResNet18's layer4
-(512 channels, 4x4) took 3x longer for its weight gradient than for its forward pass,
-whose own rate was a fraction of a plain matmul's. A conv over a small map is a small
+On the AMX Xeon (2026-12-03, ``benchmarks/conv_paths.py``) oneDNN's bf16 convolutions
+were slow on small maps, the backward pass above all: a 3x3 conv of ResNet18's layer4
+(512 channels, 4x4 maps) took 2.6x as long, forward plus both gradients, as one of its
+layer1 (64 channels, 32x32) that does the same multiply-adds. A conv over a small map is a small
 matmul in disguise: with the batch in the rows, ``(B*Ho*Wo, k*k*Cin) @ (k*k*Cin, Cout)``
 is big enough for the matrix units, and building the ``k*k``-times larger patch matrix
 costs little when the map is small. So for such maps this module runs forward, input
@@ -81,7 +81,8 @@ class _GemmConv2d(torch.autograd.Function):
     """conv2d (no bias, groups 1, dilation 1) as im2col matmuls; inputs already in ``dtype``."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding):  # noqa: D102 (autograd protocol)
+    def forward(ctx, x, weight, stride, padding):
+        """(B, Cin, H, W) input, (Cout, Cin, kh, kw) weight -> (B, Cout, Ho, Wo), channels-last."""
         b, c, h, w = x.shape
         co, _, kh, kw = weight.shape
         out_hw = (_out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1]))
@@ -96,7 +97,8 @@ class _GemmConv2d(torch.autograd.Function):
         return out.view(b, *out_hw, co).permute(0, 3, 1, 2)
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102 (autograd protocol)
+    def backward(ctx, grad_out):
+        """Input gradient by folding the patch gradients back; weight gradient as one matmul."""
         cols, w2d = ctx.saved_tensors
         shape_nhwc, k, stride, padding, out_hw, w_shape, x_dtype = ctx.geometry
         g2d = grad_out.permute(0, 2, 3, 1).reshape(-1, w_shape[0]).to(cols.dtype)  # (B*Ho*Wo, Cout)
@@ -129,8 +131,6 @@ def gemm_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
-    elif x.dtype != weight.dtype:
-        weight = weight.to(x.dtype)
     with torch.autocast(device_type, enabled=False):
         return _GemmConv2d.apply(x, weight, conv.stride, conv.padding)
 
