@@ -49,15 +49,16 @@ def main(argv=None) -> int:
 
     keep_freed_memory()  # as the cifarlab command does
 
-    from cifarlab.engine import autocast, resolve_channels_last, resolve_device, resolve_precision
+    from cifarlab.engine import _DTYPES, autocast, prepare_model, resolve_channels_last, resolve_device, resolve_precision
     from cifarlab.gemm_conv import _GemmConv2d, supports_gemm, takes_gemm_path, use_gemm_convs
     from cifarlab.models import create_model
 
     device = resolve_device("auto")
     precision = resolve_precision("auto", device)
-    fmt = torch.channels_last if resolve_channels_last("auto", device) else torch.contiguous_format
+    channels_last = resolve_channels_last("auto", device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = create_model(args.model).to(device).to(memory_format=fmt)
+    model = prepare_model(create_model(args.model), device, channels_last, gemm_convs=False)
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     for h in hooks:
         h.remove()
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    dtype = _DTYPES.get(precision, torch.float32)
     rows = []
     for (in_shape, w_shape, stride, padding), entry in seen.items():
         conv = entry["module"]
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
             F.conv2d(inp, w, None, stride, padding).backward(grad)
 
         def gemm():
-            _GemmConv2d.apply(inp, w, stride, padding).backward(grad)
+            _GemmConv2d.apply(inp, w, stride, padding, tuple(out.shape[-2:])).backward(grad)
 
         row = {
             "input": list(in_shape), "weight": list(w_shape), "stride": list(stride), "count": entry["count"],

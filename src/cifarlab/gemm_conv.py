@@ -39,8 +39,10 @@ def takes_gemm_path(weight: torch.Tensor, out_hw: tuple[int, int]) -> bool:
     return kh * kw * out_hw[0] * out_hw[1] <= MAX_GEMM_TAPS
 
 
-def _out_size(size: int, k: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - k) // stride + 1
+def conv_out_size(x: torch.Tensor, conv: nn.Conv2d) -> tuple[int, int]:
+    """(Ho, Wo) of ``conv`` applied to ``x`` (integer padding, dilation 1)."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw) = x.shape[-2:], conv.kernel_size, conv.stride, conv.padding
+    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
 
 def _patches(x_nhwc: torch.Tensor, k: tuple[int, int], stride: tuple[int, int],
@@ -81,11 +83,10 @@ class _GemmConv2d(torch.autograd.Function):
     """conv2d (no bias, groups 1, dilation 1) as im2col matmuls; inputs already in ``dtype``."""
 
     @staticmethod
-    def forward(ctx, x, weight, stride, padding):
-        """(B, Cin, H, W) input, (Cout, Cin, kh, kw) weight -> (B, Cout, Ho, Wo), channels-last."""
+    def forward(ctx, x, weight, stride, padding, out_hw):
+        """(B, Cin, H, W) input, (Cout, Cin, kh, kw) weight -> (B, Cout, Ho, Wo) = out_hw, channels-last."""
         b, c, h, w = x.shape
         co, _, kh, kw = weight.shape
-        out_hw = (_out_size(h, kh, stride[0], padding[0]), _out_size(w, kw, stride[1], padding[1]))
         cols = _patches(x.permute(0, 2, 3, 1), (kh, kw), stride, padding, out_hw)
         w2d = weight.permute(0, 2, 3, 1).reshape(co, -1)  # (Cout, kh*kw*Cin)
         out = cols @ w2d.t()  # (B*Ho*Wo, Cout)
@@ -110,7 +111,7 @@ class _GemmConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             co, ci, kh, kw = w_shape
             grad_w = (g2d.t() @ cols).view(co, kh, kw, ci).permute(0, 3, 1, 2)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
 def gemm_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -119,11 +120,7 @@ def gemm_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     Under autocast the input and weight are cast to the autocast dtype first, as
     ``F.conv2d`` would be; the weight gradient comes back in the weight's own dtype.
     """
-    kh, kw = conv.kernel_size
-    out_hw = (
-        _out_size(x.shape[-2], kh, conv.stride[0], conv.padding[0]),
-        _out_size(x.shape[-1], kw, conv.stride[1], conv.padding[1]),
-    )
+    out_hw = conv_out_size(x, conv)
     if not takes_gemm_path(conv.weight, out_hw):
         return conv._conv_forward(x, conv.weight, conv.bias)
     device_type = x.device.type
@@ -132,7 +129,7 @@ def gemm_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        return _GemmConv2d.apply(x, weight, conv.stride, conv.padding)
+        return _GemmConv2d.apply(x, weight, conv.stride, conv.padding, out_hw)
 
 
 def supports_gemm(conv: nn.Module) -> bool:
