@@ -24,7 +24,7 @@ from PIL import Image
 
 from cifarlab import cli
 from cifarlab.config import _BOUNDS, _CHOICES, _FIELD_TYPES, field_names, resolve_config, to_toml
-from cifarlab.data import load_dataset, sources
+from cifarlab.data import cifar10, load_dataset
 from cifarlab.errors import CifarlabError
 from tests.conftest import run_cli
 
@@ -54,11 +54,11 @@ def _main(capsys, *argv: str) -> tuple[int, list[str]]:
 def _fake_cifar(base: Path) -> dict[str, str]:
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for name in sources.CIFAR10_TRAIN_FILES + sources.CIFAR10_TEST_FILES:
+    for name in cifar10.CIFAR10_TRAIN_FILES + cifar10.CIFAR10_TEST_FILES:
         entry = {"labels": [int(v) for v in rng.integers(0, 10, 20)], "data": rng.integers(0, 256, (20, 3072), dtype=np.uint8)}
         (base / name).write_bytes(pickle.dumps(entry, protocol=2))
-    (base / sources.CIFAR10_META_FILE).write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}, protocol=2))
-    return {name: hashlib.md5((base / name).read_bytes()).hexdigest() for name in sources.CIFAR10_FILES}
+    (base / cifar10.CIFAR10_META_FILE).write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}, protocol=2))
+    return {name: hashlib.md5((base / name).read_bytes()).hexdigest() for name in cifar10.CIFAR10_FILES}
 
 
 def _truncate(path: Path) -> None:
@@ -80,7 +80,7 @@ def test_corrupt_cifar_batches_exit_2_naming_file_and_fix_without_unpickling(tmp
     import torchvision.datasets.utils as tv_utils
 
     base = tmp_path / "data" / "cifar-10-batches-py"
-    monkeypatch.setattr(sources, "CIFAR10_MD5", _fake_cifar(base))
+    monkeypatch.setattr(cifar10, "CIFAR10_MD5", _fake_cifar(base))
     monkeypatch.setenv("CIFARLAB_CACHE", str(tmp_path / "cache"))
     damage(base / "data_batch_3")
 

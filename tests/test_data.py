@@ -1,4 +1,4 @@
-"""Tests for cifarlab.data: sources, cache, Split.take and DeviceLoader.
+"""Tests for cifarlab.data: sources, cache, Split.take, normalize and DeviceLoader.
 
 Everything runs on tiny datasets generated under tmp_path; the real CIFAR-10 copy is
 never touched here.
@@ -25,9 +25,11 @@ from cifarlab.data import (
     channel_stats,
     default_cache_dir,
     load_dataset,
+    normalization,
+    normalize,
 )
 from cifarlab.data import cache as data_cache
-from cifarlab.data import sources
+from cifarlab.data import cifar10, decode, imagefolder, sources, synthetic
 from cifarlab.errors import CifarlabError
 
 
@@ -117,7 +119,7 @@ def test_synthetic_bad_arguments(cache_dir):
 
 def test_synthetic_is_cached(cache_dir, monkeypatch):
     first = load_dataset("synthetic", None, cache_dir=cache_dir, synthetic_train=100, synthetic_test=20)
-    monkeypatch.setattr(sources, "generate_synthetic", _fail("generated again despite the cache"))
+    monkeypatch.setattr(synthetic, "generate_synthetic", _fail("generated again despite the cache"))
     second = load_dataset("synthetic", None, cache_dir=cache_dir, synthetic_train=100, synthetic_test=20)
     assert torch.equal(first.train.images, second.train.images)
     assert second.synthetic and second.mean == first.mean
@@ -221,18 +223,18 @@ def test_fast_jpeg_path_matches_pillow(tmp_path):
         _save(tmp_path / "odd.jpg", _noise((50, 41), 6), "JPEG"),
         _save(tmp_path / "gray.jpg", _noise((32, 32), 7).convert("L"), "JPEG"),
     ]
-    decoder = sources._jpeg_decoder()
+    decoder = decode._jpeg_decoder()
     assert decoder is not None, "torchvision's JPEG op should be available in this environment"
     for path in paths:
-        fast = sources._decode_image(str(path), decoder)
-        slow = sources._decode_image(str(path), None)
+        fast = decode._decode_image(str(path), decoder)
+        slow = decode._decode_image(str(path), None)
         assert np.array_equal(fast, slow), path.name
 
 
 def test_imagefolder_process_pool_gives_same_result(tmp_path, cache_dir, monkeypatch):
     root = make_tree(tmp_path / "data")
     in_process = load_dataset("imagefolder", root, cache_dir=tmp_path / "c1")
-    monkeypatch.setattr(sources, "_POOL_MIN_FILES", 0)
+    monkeypatch.setattr(decode, "_POOL_MIN_FILES", 0)
     pooled = load_dataset("imagefolder", root, cache_dir=tmp_path / "c2")
     assert torch.equal(in_process.train.images, pooled.train.images)
     assert torch.equal(in_process.test.images, pooled.test.images)
@@ -244,7 +246,7 @@ def test_imagefolder_reports_every_bad_image(tmp_path, cache_dir, monkeypatch):
     good = (root / "train/cat/a.png").read_bytes()
     (root / "test/dog/truncated.png").write_bytes(good[: len(good) // 2])
     (root / "train/dog/notes.txt").write_text("hello")
-    monkeypatch.setattr(sources, "_POOL_MIN_FILES", 0)  # collected across pool workers too
+    monkeypatch.setattr(decode, "_POOL_MIN_FILES", 0)  # collected across pool workers too
     with pytest.raises(CifarlabError) as err:
         load_dataset("imagefolder", root, cache_dir=cache_dir)
     message = str(err.value)
@@ -291,8 +293,8 @@ def test_cache_hit_decodes_nothing(tmp_path, cache_dir, monkeypatch):
     root = make_tree(tmp_path / "data")
     first = load_dataset("imagefolder", root, cache_dir=cache_dir)
     assert len(cache_files(cache_dir)) == 1
-    monkeypatch.setattr(sources, "decode_images", _fail("decoded despite a valid cache"))
-    monkeypatch.setattr(sources, "_decode_image", _fail("decoded despite a valid cache"))
+    monkeypatch.setattr(imagefolder, "decode_images", _fail("decoded despite a valid cache"))
+    monkeypatch.setattr(decode, "_decode_image", _fail("decoded despite a valid cache"))
     second = load_dataset("imagefolder", root, cache_dir=cache_dir)
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)
@@ -302,7 +304,7 @@ def test_cache_hit_decodes_nothing(tmp_path, cache_dir, monkeypatch):
 class CountingDecoder:
     def __init__(self):
         self.calls = 0
-        self.real = sources.decode_images
+        self.real = decode.decode_images
 
     def __call__(self, paths, **kwargs):
         self.calls += 1
@@ -312,7 +314,7 @@ class CountingDecoder:
 def test_cache_invalidated_when_a_file_changes(tmp_path, cache_dir, monkeypatch):
     root = make_tree(tmp_path / "data")
     counter = CountingDecoder()
-    monkeypatch.setattr(sources, "decode_images", counter)
+    monkeypatch.setattr(imagefolder, "decode_images", counter)
     load_dataset("imagefolder", root, cache_dir=cache_dir)
     load_dataset("imagefolder", root, cache_dir=cache_dir)
     assert counter.calls == 1
@@ -353,7 +355,7 @@ def test_corrupt_cache_is_rebuilt(tmp_path, cache_dir, monkeypatch, damage):
     else:  # loads fine but is not our payload
         torch.save({"format": data_cache.CACHE_FORMAT, "key": "wrong", "x": torch.zeros(1)}, path)
     counter = CountingDecoder()
-    monkeypatch.setattr(sources, "decode_images", counter)
+    monkeypatch.setattr(imagefolder, "decode_images", counter)
     again = load_dataset("imagefolder", root, cache_dir=cache_dir)
     assert counter.calls == 1
     assert torch.equal(first.train.images, again.train.images)
@@ -393,7 +395,7 @@ def _write_fake_cifar(base: Path, n_per_batch: int = 20) -> dict[str, str]:
     """Official-format batches with random content; returns their md5s."""
     base.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    names = list(sources.CIFAR10_TRAIN_FILES) + list(sources.CIFAR10_TEST_FILES)
+    names = list(cifar10.CIFAR10_TRAIN_FILES) + list(cifar10.CIFAR10_TEST_FILES)
     for i, name in enumerate(names):
         entry = {
             "batch_label": name,
@@ -403,8 +405,8 @@ def _write_fake_cifar(base: Path, n_per_batch: int = 20) -> dict[str, str]:
         }
         (base / name).write_bytes(pickle.dumps(entry, protocol=2))
     meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]}
-    (base / sources.CIFAR10_META_FILE).write_bytes(pickle.dumps(meta, protocol=2))
-    return {name: hashlib.md5((base / name).read_bytes()).hexdigest() for name in sources.CIFAR10_FILES}
+    (base / cifar10.CIFAR10_META_FILE).write_bytes(pickle.dumps(meta, protocol=2))
+    return {name: hashlib.md5((base / name).read_bytes()).hexdigest() for name in cifar10.CIFAR10_FILES}
 
 
 def test_cifar10_checksum_mismatch_is_caught_before_unpickling(tmp_path, cache_dir, monkeypatch):
@@ -420,7 +422,7 @@ def test_cifar10_checksum_mismatch_is_caught_before_unpickling(tmp_path, cache_d
 
 def test_cifar10_loads_verified_batches(tmp_path, cache_dir, monkeypatch):
     md5s = _write_fake_cifar(tmp_path / "data" / "cifar-10-batches-py")
-    monkeypatch.setattr(sources, "CIFAR10_MD5", md5s)
+    monkeypatch.setattr(cifar10, "CIFAR10_MD5", md5s)
     ds = load_dataset("cifar10", tmp_path / "data", cache_dir=cache_dir)
     assert ds.name == "cifar10" and not ds.synthetic
     assert ds.classes[0] == "airplane" and len(ds.classes) == 10
@@ -432,7 +434,7 @@ def test_cifar10_loads_verified_batches(tmp_path, cache_dir, monkeypatch):
     assert torch.equal(ds.train.images[0], torch.from_numpy(entry["data"][0].reshape(3, 32, 32)))
     # A cache hit verifies nothing and unpickles nothing.
     monkeypatch.setattr(pickle, "load", _fail("unpickled despite the cache"))
-    monkeypatch.setattr(sources, "_md5", _fail("hashed despite the cache"))
+    monkeypatch.setattr(cifar10, "_md5", _fail("hashed despite the cache"))
     again = load_dataset("cifar10", tmp_path / "data", cache_dir=cache_dir)
     assert torch.equal(again.train.images, ds.train.images)
 
@@ -650,6 +652,25 @@ def test_normalization_uses_dataset_stats(tiny):
     expected = (ds.train.images[:5].float() / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(1, 3, 1, 1)
     first = next(iter(DeviceLoader(ds.train, 5, device="cpu", mean=ds.mean, std=ds.std, shuffle=False)))[0]
     assert torch.allclose(first, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+)
+def test_normalize_is_bit_identical_to_loader_batches(tiny, device):
+    """The public normalize() and DeviceLoader's unaugmented batches are one arithmetic."""
+    ds = tiny
+    loader = DeviceLoader(ds.train, 48, device=device, mean=ds.mean, std=ds.std, shuffle=True, seed=4)
+    loader.set_epoch(2)
+    order = loader.epoch_indices().cpu()
+    for b, (x, _) in enumerate(loader):
+        images = ds.train.images[order[b * 48 : (b + 1) * 48]]
+        assert torch.equal(x, normalize(images, ds.mean, ds.std, device=device)), f"batch {b}"
+        assert torch.equal(x, normalize(images.to(device), ds.mean, ds.std)), "device defaults to the images'"
+    scale, shift = normalization(ds.mean, ds.std)
+    assert scale.dtype == shift.dtype == torch.float32 and scale.shape == shift.shape == (1, 3, 1, 1)
+    expected = (ds.train.images[:8].double() / 255 - torch.tensor(ds.mean).view(1, 3, 1, 1)) / torch.tensor(ds.std).view(1, 3, 1, 1)
+    assert torch.allclose(normalize(ds.train.images[:8], ds.mean, ds.std).double(), expected, atol=1e-5)
 
 
 def test_loader_channels_last_and_device_residency(tiny):

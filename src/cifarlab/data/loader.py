@@ -18,8 +18,10 @@ from typing import Iterator, Sequence
 import torch
 
 from .augment import AugmentSpec, augment_batch
+from .dataset import Split
+from .normalize import apply_normalization, normalization
 from .resize import resize_batch
-from .sources import Split, mix_seed
+from .seeding import mix_seed
 
 # Domain tags keep the permutation stream and the augmentation streams apart even if
 # (seed, epoch) happens to equal some (seed, epoch, batch, rank) prefix.
@@ -81,11 +83,8 @@ class DeviceLoader:
         # Moved once; every batch afterwards is indexed on the device.
         self.images_on_device = split.images.to(self.device)
         self.labels_on_device = split.labels.to(self.device)
-        # (x/255 - mean)/std == x*scale + shift, folded so a batch costs one fused multiply-add.
-        mean_t = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
-        std_t = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
-        self._scale = (1.0 / (255.0 * std_t)).to(torch.float32).to(self.device)
-        self._shift = (-mean_t / std_t).to(torch.float32).to(self.device)
+        # Folded once here, so that a batch costs one fused multiply-add and no host-to-device copy.
+        self._scale, self._shift = normalization(mean, std, self.device)
         # flip:alt: each image's first-epoch flip, a function of the seed and its index only
         # (so resumes and DDP ranks agree); epoch e flips it when first ^ (e odd).
         self._first_flip = None
@@ -157,8 +156,7 @@ class DeviceLoader:
         bs = self.batch_size
         for b in range(start, len(self)):
             idx = indices[b * bs : (b + 1) * bs]
-            x = self.images_on_device.index_select(0, idx).to(torch.float32)
-            x = torch.addcmul(self._shift, x, self._scale)
+            x = apply_normalization(self.images_on_device.index_select(0, idx), self._scale, self._shift)
             if self.augment is not None:
                 # A fresh generator per batch: its stream depends only on (seed, epoch,
                 # batch, rank). manual_seed on a CUDA generator is host-side bookkeeping.
