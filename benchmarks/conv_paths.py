@@ -49,16 +49,18 @@ def main(argv=None) -> int:
 
     keep_freed_memory()  # as the cifarlab command does
 
-    from cifarlab.engine import _DTYPES, autocast, prepare_model, resolve_channels_last, resolve_device, resolve_precision
+    from cifarlab.config import TrainConfig
     from cifarlab.gemm_conv import _GemmConv2d, supports_gemm, takes_gemm_path, use_gemm_convs
     from cifarlab.models import create_model
+    from cifarlab.runtime import DTYPES, Runtime
 
-    device = resolve_device("auto")
-    precision = resolve_precision("auto", device)
-    channels_last = resolve_channels_last("auto", device)
+    # As `cifarlab train` resolves the defaults, but every conv on oneDNN: the paths are
+    # compared below.
+    rt = Runtime.resolve(TrainConfig(gemm_convs="off"))
+    device, precision, channels_last = rt.device, rt.precision, rt.channels_last
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
-    model = prepare_model(create_model(args.model), device, channels_last, gemm_convs=False)
+    model = rt.prepare(create_model(args.model))
     x = torch.randn(args.batch_size, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
 
@@ -69,12 +71,12 @@ def main(argv=None) -> int:
         seen.setdefault(key, {"module": module, "count": 0})["count"] += 1
 
     hooks = [m.register_forward_pre_hook(record) for m in model.modules() if supports_gemm(m)]
-    with torch.no_grad(), autocast(device, precision):
+    with torch.no_grad(), rt.autocast():
         model(x)
     for h in hooks:
         h.remove()
 
-    dtype = _DTYPES.get(precision, torch.float32)
+    dtype = DTYPES.get(precision, torch.float32)
     rows = []
     for (in_shape, w_shape, stride, padding), entry in seen.items():
         conv = entry["module"]
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
             for k, m in models.items()}
 
     def step(name):
-        with autocast(device, precision):
+        with rt.autocast():
             loss = F.cross_entropy(models[name](x).float(), y)
         opts[name].zero_grad(set_to_none=True)
         loss.backward()

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     out = {}
-    from cifarlab.engine import cpu_has_fast_bf16  # the same test --precision auto uses
+    from cifarlab.runtime import cpu_has_fast_bf16  # the same test --precision auto uses
 
     mkldnn_bf16 = cpu_has_fast_bf16() if args.device == "cpu" else None
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

@@ -28,25 +28,24 @@ def main(argv=None) -> int:
 
     keep_freed_memory()  # as the cifarlab command does (CIFARLAB_KEEP_FREED_MEMORY=0: off)
 
-    from cifarlab.engine import autocast, prepare_model, resolve_channels_last, resolve_device, resolve_gemm_convs, resolve_precision
+    from cifarlab.config import TrainConfig
     from cifarlab.models import create_model
+    from cifarlab.runtime import Runtime
     from cifarlab.summary import model_summary
 
-    device = resolve_device("auto")
-    precision = resolve_precision("auto", device)
-    channels_last = resolve_channels_last("auto", device)
+    rt = Runtime.resolve(TrainConfig())  # the defaults, resolved as `cifarlab train` resolves them
+    device, precision, channels_last, gemm_convs = rt.device, rt.precision, rt.channels_last, rt.gemm_convs
     torch.manual_seed(0)
-    gemm_convs = resolve_gemm_convs("auto", device, precision)
     model = create_model(args.model).to(device)
     macs = model_summary(model).macs_per_image
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = prepare_model(model, device, channels_last, gemm_convs)  # as `cifarlab train` does
+    model = rt.prepare(model)  # as `cifarlab train` does
     x = torch.randn(args.batch_size, 3, 32, 32, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch_size,), device=device)
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
 
     def step():
-        with autocast(device, precision):
+        with rt.autocast():
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

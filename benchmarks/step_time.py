@@ -35,14 +35,13 @@ def main(argv=None) -> int:
     keep_freed_memory()  # as the cifarlab command does (CIFARLAB_KEEP_FREED_MEMORY=0: off)
 
     from cifarlab.data import AugmentSpec, DeviceLoader, Split
-    from cifarlab.engine import (autocast, build_optimizer, prepare_model, resolve_channels_last, resolve_device,
-                                 resolve_gemm_convs, resolve_precision)
+    from cifarlab.config import TrainConfig
     from cifarlab.models import create_model
+    from cifarlab.optim import build_optimizer
+    from cifarlab.runtime import Runtime
 
-    device = resolve_device("auto")
-    precision = resolve_precision("auto", device)
-    channels_last = resolve_channels_last("auto", device)
-    gemm_convs = resolve_gemm_convs("auto", device, precision)
+    rt = Runtime.resolve(TrainConfig())  # the defaults, resolved as `cifarlab train` resolves them
+    device, precision, channels_last = rt.device, rt.precision, rt.channels_last
     settings = []
     for text in args.settings.split(","):
         batch, opt_name, *size = text.split(":")
@@ -54,7 +53,7 @@ def main(argv=None) -> int:
     runners = []
     for batch, opt_name, size in settings:
         torch.manual_seed(0)
-        model = prepare_model(create_model(args.model), device, channels_last, gemm_convs).train()
+        model = rt.prepare(create_model(args.model)).train()
         opt = build_optimizer(model, opt_name, lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-3, bias_lr_scale=64, device=device)
         loader = DeviceLoader(split, batch, device=device, mean=(0.5,) * 3, std=(0.25,) * 3, shuffle=True,
                               augment=AugmentSpec.parse(args.augment), drop_last=True, channels_last=channels_last,
@@ -66,7 +65,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             for _ in range(steps):
                 x, y = next(it)
-                with autocast(device, precision):
+                with rt.autocast():
                     loss = loss_fn(model(x).float(), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -66,15 +66,13 @@ def endless(loader_factory):
 class Method:
     """One way of training: a batch source and a step function, timed in windows."""
 
-    def __init__(self, name, model, batches, device, precision, channels_last, lr=0.01):
-        from cifarlab.engine import autocast
-
+    def __init__(self, name, model, batches, runtime, lr=0.01):
         self.name, self.model, self.batches = name, model, batches
-        self.autocast = lambda: autocast(device, precision)
-        self.channels_last = channels_last
+        self.autocast = runtime.autocast
+        self.channels_last = runtime.channels_last
         self.opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9, nesterov=True)
         self.loss = nn.CrossEntropyLoss()
-        self.device = device
+        self.device = runtime.device
         self.rates: list[float] = []
 
     def steps(self, n: int) -> float:
@@ -97,22 +95,22 @@ class Method:
 
 
 def bench_model(name, data, device, batch_size, windows, steps_per_window, warmup, workers, gemm_setting="auto"):
+    from cifarlab.config import TrainConfig
     from cifarlab.data import AugmentSpec, DeviceLoader
-    from cifarlab.engine import prepare_model, resolve_channels_last, resolve_gemm_convs, resolve_precision
     from cifarlab.models import create_model
+    from cifarlab.runtime import Runtime
 
     torch.manual_seed(0)
     typical_model = create_model(name).to(device)
     fast_model = create_model(name)
     fast_model.load_state_dict(typical_model.state_dict())
-    precision = resolve_precision("auto", device)
-    channels_last = resolve_channels_last("auto", device)
-    gemm_convs = resolve_gemm_convs(gemm_setting, device, precision)
+    rt = Runtime.resolve(TrainConfig(device=str(device), gemm_convs=gemm_setting))
+    precision, channels_last = rt.precision, rt.channels_last
     # The model exactly as `cifarlab train` prepares it for this device.
-    fast_model = prepare_model(fast_model, device, channels_last, gemm_convs)
+    fast_model = rt.prepare(fast_model)
 
     tl = typical_loader(data.train.images, data.train.labels, batch_size, data.mean, data.std, workers)
-    typical = Method("typical", typical_model, endless(lambda e: tl), device, "fp32", False)
+    typical = Method("typical", typical_model, endless(lambda e: tl), Runtime(device, "fp32", False))
     dl = DeviceLoader(
         data.train, batch_size, device=device, mean=data.mean, std=data.std, shuffle=True,
         augment=AugmentSpec(crop_pad=4, flip=True), drop_last=True, channels_last=channels_last,
@@ -122,7 +120,7 @@ def bench_model(name, data, device, batch_size, windows, steps_per_window, warmu
         dl.set_epoch(e)
         return dl
 
-    ours = Method("cifarlab", fast_model, endless(cifarlab_epoch), device, precision, channels_last)
+    ours = Method("cifarlab", fast_model, endless(cifarlab_epoch), rt)
     for m in (typical, ours):
         m.steps(warmup)
     for _ in range(windows):
@@ -136,7 +134,7 @@ def bench_model(name, data, device, batch_size, windows, steps_per_window, warmu
         "ratio": round(o / t, 3),
         "cifarlab_precision": precision,
         "cifarlab_channels_last": channels_last,
-        "cifarlab_gemm_convs": gemm_convs,
+        "cifarlab_gemm_convs": rt.gemm_convs,
         "typical_windows": [round(r, 1) for r in typical.rates],
         "cifarlab_windows": [round(r, 1) for r in ours.rates],
     }
@@ -157,7 +155,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from cifarlab.data import load_dataset
-    from cifarlab.engine import resolve_device
+    from cifarlab.runtime import resolve_device
     from cifarlab.hostmem import keep_freed_memory
 
     kept = keep_freed_memory()

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
     from cifarlab.data.sources import load_dataset
     from cifarlab.models import create_model
-    from cifarlab.train import stem_fit_batch
+    from cifarlab.context import stem_fit_batch
 
     ds = load_dataset(args.dataset, args.data)
     x = stem_fit_batch(ds, args.seed, args.images)  # (N, 3, 32, 32), exactly what training fits on

@@ -36,7 +36,7 @@ def _no_data_reads(monkeypatch):
         raise AssertionError("data was read")
 
     monkeypatch.setattr("cifarlab.data.load_dataset", boom)
-    monkeypatch.setattr("cifarlab.train.load_data", boom)
+    monkeypatch.setattr("cifarlab.context.load_data", boom)
 
 
 def _main(capsys, *argv: str) -> tuple[int, list[str]]:

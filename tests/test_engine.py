@@ -6,17 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from cifarlab.engine import (
-    NonFiniteLossError,
-    build_optimizer,
-    build_scheduler,
-    confusion_matrix,
-    per_class_accuracy,
-    predict_logits,
-    resolve_precision,
-    run_epoch,
-)
+from cifarlab.engine import NonFiniteLossError, Trainer, confusion_matrix, per_class_accuracy, predict_logits, run_epoch
 from cifarlab.errors import CifarlabError
+from cifarlab.optim import build_optimizer, build_scheduler
+from cifarlab.runtime import Runtime, resolve_precision
+
+CPU = Runtime(torch.device("cpu"))
 
 
 def _net():
@@ -25,11 +20,11 @@ def _net():
 
 
 def test_precision_auto_never_picks_slow_bf16_on_cpu(monkeypatch):
-    import cifarlab.engine as engine
+    import cifarlab.runtime as runtime
 
-    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     with pytest.raises(CifarlabError, match="fp16"):
@@ -96,12 +91,12 @@ def test_run_epoch_trains_and_evaluates():
     net = _net()
     opt = build_optimizer(net, "adam", lr=0.05, momentum=0.9, nesterov=False, weight_decay=0)
     loss = nn.CrossEntropyLoss()
-    first = run_epoch(net, batches, loss_fn=loss, device=torch.device("cpu"), optimizer=opt)
+    first = run_epoch(net, batches, CPU, loss_fn=loss, trainer=Trainer(opt))
     for _ in range(15):
-        last = run_epoch(net, batches, loss_fn=loss, device=torch.device("cpu"), optimizer=opt)
+        last = run_epoch(net, batches, CPU, loss_fn=loss, trainer=Trainer(opt))
     assert first.steps == 4 and len(first.lrs) == 4 and first.n == 64
     assert last.loss < first.loss
-    ev = run_epoch(net, batches, loss_fn=loss, device=torch.device("cpu"), collect=True)
+    ev = run_epoch(net, batches, CPU, loss_fn=loss, collect=True)
     assert not net.training
     assert ev.logits.shape == (64, 3) and torch.equal(ev.targets, y)
     assert ev.accuracy == pytest.approx((ev.logits.argmax(1) == y).float().mean().item())
@@ -114,7 +109,7 @@ def test_run_epoch_stops_on_non_finite_loss():
     x = torch.randn(8, 3, 8, 8)
     batches = [(x, torch.zeros(8, dtype=torch.long)), (x * float("nan"), torch.zeros(8, dtype=torch.long))]
     with pytest.raises(NonFiniteLossError) as info:
-        run_epoch(net, batches, loss_fn=nn.CrossEntropyLoss(), device=torch.device("cpu"), optimizer=opt, step_offset=10)
+        run_epoch(net, batches, CPU, loss_fn=nn.CrossEntropyLoss(), trainer=Trainer(opt), step_offset=10)
     assert info.value.step == 12
 
 
@@ -235,3 +230,48 @@ def test_lookahead_state_round_trips_and_rejects_another_model():
     small = Lookahead(nn.Linear(2, 2), total_steps=10)
     with pytest.raises(ValueError, match="does not match"):
         small.load_state_dict({"slow": state})
+
+
+def test_run_epoch_without_a_loss_only_predicts():
+    # Plain prediction (cifarlab predict): placeholder labels, no loss computed at all.
+    net = _net()
+    x = torch.randn(10, 3, 8, 8)
+    batches = [(x[:6], torch.zeros(6, dtype=torch.long)), (x[6:], torch.zeros(4, dtype=torch.long))]
+    res = run_epoch(net, batches, CPU, collect=True)
+    assert res.n == 10 and res.steps == 2 and res.lrs == []
+    assert res.loss != res.loss  # nan: there is no loss to report
+    with torch.inference_mode():
+        assert torch.allclose(res.logits, net.eval()(x), atol=1e-6)
+    with pytest.raises(ValueError, match="loss function"):
+        run_epoch(net, batches, CPU, trainer=Trainer(build_optimizer(net, "sgd", lr=0.1, momentum=0, nesterov=False, weight_decay=0)))
+
+
+def test_progress_prints_plain_lines_when_not_on_a_terminal(monkeypatch):
+    import io
+
+    from cifarlab import progress as progress_mod
+    from cifarlab.progress import Progress, progress_mode
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_mode(None, Tty()) == "bar" and progress_mode(None, io.StringIO()) == "lines"
+    assert progress_mode(True, io.StringIO()) == "bar" and progress_mode(False, Tty()) == "off"
+    clock = iter([0.0, 10.0, 31.0, 40.0, 62.0])  # start, then one reading per update
+    monkeypatch.setattr(progress_mod, "_now", lambda: next(clock))
+    out = io.StringIO()
+    p = Progress("lines", 8, "epoch 1/2", stream=out)
+    for step in range(1, 5):
+        p.update(step, 16 * step, torch.tensor(2.0 * 16 * step), torch.tensor(8 * step), 0.1)
+    p.close()
+    lines = out.getvalue().splitlines()
+    # A line only once 30 s have passed since the last one: at steps 2 (31 s) and 4 (62 s).
+    assert len(lines) == 2
+    assert lines[0] == "epoch 1/2  step 2/8  loss 2.0000  acc 50.00%  1 img/s  ETA 1m33s"
+    assert lines[1].startswith("epoch 1/2  step 4/8 ") and "ETA 1m02s" in lines[1]
+    monkeypatch.undo()
+    silent = io.StringIO()
+    q = Progress("off", 8, stream=silent)
+    q.update(1, 16, torch.tensor(1.0), torch.tensor(1), None)
+    assert silent.getvalue() == ""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.config import config_from_dict
-from cifarlab.engine import prepare_model, resolve_gemm_convs
+from cifarlab.runtime import prepare_model, resolve_gemm_convs
 from cifarlab.errors import CifarlabError
 from cifarlab.gemm_conv import MAX_GEMM_TAPS, _GemmConv2d, gemm_conv2d, supports_gemm, takes_gemm_path, use_gemm_convs
 from cifarlab.models import create_model, list_models

@@ -88,7 +88,7 @@ def test_bad_sweep_arguments_are_user_errors():
 
 def _context():
     from cifarlab.config import resolve_config
-    from cifarlab.train import build_context
+    from cifarlab.context import build_context
 
     cfg = resolve_config(
         preset="fast",
@@ -102,12 +102,13 @@ def _context():
 
 def _train_three_steps(ctx, sweep: bool):
     """Build optimizer + One-Cycle as fit() does, optionally sweep, then train 3 steps."""
-    from cifarlab.engine import build_optimizer, build_scheduler, run_epoch
+    from cifarlab.engine import Trainer, run_epoch
+    from cifarlab.optim import build_optimizer, build_scheduler
     from cifarlab.lr_finder import find_lr_for_run
 
     cfg = ctx.cfg
     opt = build_optimizer(ctx.model, cfg.optimizer, lr=0.5, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                          weight_decay=cfg.weight_decay, bias_lr_scale=cfg.bias_lr_scale, device=ctx.device)
+                          weight_decay=cfg.weight_decay, bias_lr_scale=cfg.bias_lr_scale, device=ctx.runtime.device)
     plan = build_scheduler(opt, "onecycle", total_steps=20, div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor)
     random.seed(11)
     np.random.seed(11)
@@ -115,11 +116,11 @@ def _train_three_steps(ctx, sweep: bool):
     if sweep:
         # Directly on the live optimizer whose step() the scheduler has patched, and via the
         # fit() entry point (fresh optimizer): neither may leak into the run.
-        lr_range_test(ctx.model, opt, ctx.train_loader, loss_fn=nn.CrossEntropyLoss(), device=ctx.device, steps=5)
+        lr_range_test(ctx.model, opt, ctx.train_loader, loss_fn=nn.CrossEntropyLoss(), device=ctx.runtime.device, steps=5)
         find_lr_for_run(ctx, steps=5)
     ctx.train_loader.set_epoch(0)
-    run_epoch(ctx.model, itertools.islice(ctx.train_loader, 3), loss_fn=nn.CrossEntropyLoss(label_smoothing=0.2),
-              device=ctx.device, optimizer=opt, scheduler=plan)
+    run_epoch(ctx.model, itertools.islice(ctx.train_loader, 3), ctx.runtime, loss_fn=nn.CrossEntropyLoss(label_smoothing=0.2),
+              trainer=Trainer(opt, plan))
     return {
         "weights": {k: v.clone() for k, v in ctx.model.state_dict().items()},
         "opt": opt.state_dict(),
@@ -168,7 +169,7 @@ def test_sweep_leaves_muon_filter_lr_alone():
     """With Muon the range test sweeps the `lr` key (head and biases); the filters stay at muon_lr."""
     from torch import nn
 
-    from cifarlab.engine import build_optimizer
+    from cifarlab.optim import build_optimizer
     from cifarlab.lr_finder import lr_range_test
 
     torch.manual_seed(0)

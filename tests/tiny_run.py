@@ -37,10 +37,12 @@ def tiny_fit(out: Path, *, report: bool = False, **overrides):
     import io
 
     from cifarlab.config import resolve_config
+    from cifarlab.report.build import report_on_finish
     from cifarlab.train import fit
 
     cfg = resolve_config(preset="fast", overrides={**TINY, **overrides, "out": str(out)})
-    return fit(cfg, progress=False, stream=io.StringIO(), report=report)
+    # The report is attached as `cifarlab train` attaches it (predictions.npz either way).
+    return fit(cfg, progress=False, stream=io.StringIO(), on_finish=report_on_finish(report))
 
 
 def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:

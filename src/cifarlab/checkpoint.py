@@ -31,6 +31,7 @@ import pickle
 import random
 import re
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,147 @@ from cifarlab.errors import CifarlabError
 FORMAT = "cifarlab"
 VERSION = 1
 _META_KEY = "cifarlab"  # safetensors metadata key holding the JSON description
+
+
+@dataclass
+class PartialEpoch:
+    """An epoch's running sums up to a mid-epoch checkpoint (summed over ranks), so the
+    epoch a resumed run finishes reports exact totals."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    n: int = 0
+    lrs: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    amp_skipped: int = 0
+
+    def add(self, loss_sum: float, correct: int, n: int, lrs: list[float], seconds: float, amp_skipped: int) -> "PartialEpoch":
+        """These sums plus the steps trained since (a new object)."""
+        return PartialEpoch(
+            loss_sum=self.loss_sum + loss_sum,
+            correct=self.correct + int(correct),
+            n=self.n + int(n),
+            lrs=[float(v) for v in self.lrs] + list(lrs),
+            seconds=self.seconds + seconds,
+            amp_skipped=self.amp_skipped + amp_skipped,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's ``partial`` entry."""
+        return {
+            "loss_sum": self.loss_sum,
+            "correct": self.correct,
+            "n": self.n,
+            "lrs": self.lrs,
+            "seconds": self.seconds,
+            "amp_skipped": self.amp_skipped,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PartialEpoch":
+        """Read a ``partial`` entry (keys a checkpoint lacks count as zero)."""
+        return cls(
+            loss_sum=float(d.get("loss_sum", 0.0)),
+            correct=int(d.get("correct", 0)),
+            n=int(d.get("n", 0)),
+            lrs=[float(v) for v in d.get("lrs", [])],
+            seconds=float(d.get("seconds", 0.0)),
+            amp_skipped=int(d.get("amp_skipped", 0)),
+        )
+
+
+@dataclass
+class TrainingCheckpoint:
+    """What ``checkpoints/last.pt`` and ``best.pt`` hold (see the module docstring), typed.
+
+    ``description`` is the part fixed for the whole run (model spec, classes, mean/std,
+    dataset, config, versions, environment, steps_per_epoch, world_size); the other
+    fields are the run's progress and the states a resume restores.
+    """
+
+    description: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    epoch: int  # completed epochs
+    step_in_epoch: int = 0  # >0: saved mid-epoch, ``partial`` holds the epoch so far
+    partial: PartialEpoch | None = None
+    metrics: dict[str, Any] | None = None  # the last completed epoch's row
+    best_acc: float = 0.0
+    best_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    lookahead: dict[str, Any] | None = None
+    amp_skipped_steps: int = 0  # completed epochs; the current one's is in ``partial``
+    rng: dict[str, Any] | None = None
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        return self.description.get("steps_per_epoch")
+
+    @property
+    def world_size(self) -> int:
+        return int(self.description.get("world_size", 1))
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.description["config"]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.description["classes"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict :func:`save_checkpoint` writes (tensors and primitives only)."""
+        spe = int(self.description.get("steps_per_epoch") or 0)
+        return {
+            **self.description,
+            "state_dict": self.state_dict,
+            "epoch": self.epoch,
+            "step": self.epoch * spe + self.step_in_epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "partial": self.partial.to_dict() if self.partial is not None else None,
+            "metrics": self.metrics,
+            "best": {"test_acc": self.best_acc, "epoch": self.best_epoch},
+            "history": self.history,
+            "lrs": self.lrs,
+            "seconds": self.seconds,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "lookahead": self.lookahead,
+            "amp_skipped_steps": self.amp_skipped_steps,
+            "rng": self.rng,
+        }
+
+    @classmethod
+    def from_dict(cls, ckpt: dict[str, Any]) -> "TrainingCheckpoint":
+        """Read a dict from :func:`read_checkpoint`; keys older checkpoints lack take defaults."""
+        described = ("model", "classes", "mean", "std", "dataset", "config", "versions", "environment",
+                     "steps_per_epoch", "world_size")
+        best = ckpt.get("best") or {}
+        partial = ckpt.get("partial")
+        return cls(
+            description={k: ckpt[k] for k in described if k in ckpt},
+            state_dict=ckpt["state_dict"],
+            epoch=int(ckpt.get("epoch", 0)),
+            step_in_epoch=int(ckpt.get("step_in_epoch", 0)),
+            partial=PartialEpoch.from_dict(partial) if partial else None,
+            metrics=ckpt.get("metrics"),
+            best_acc=float(best.get("test_acc", 0.0)),
+            best_epoch=int(best.get("epoch", 0)),
+            history=list(ckpt.get("history", [])),
+            lrs=list(ckpt.get("lrs", [])),
+            seconds=float(ckpt.get("seconds", 0.0)),
+            optimizer=ckpt.get("optimizer"),
+            scheduler=ckpt.get("scheduler"),
+            scaler=ckpt.get("scaler"),
+            lookahead=ckpt.get("lookahead"),
+            amp_skipped_steps=int(ckpt.get("amp_skipped_steps", 0)),
+            rng=ckpt.get("rng"),
+        )
 
 
 def atomic_write(path: str | os.PathLike, write: "callable") -> None:

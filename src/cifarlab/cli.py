@@ -115,6 +115,7 @@ def _default_preset() -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab import distributed
     from cifarlab.config import resolve_config
+    from cifarlab.report.build import report_on_finish
     from cifarlab.train import fit
 
     preset = args.preset
@@ -125,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     cfg = resolve_config(preset=preset, config_file=args.config, overrides=overrides)
     try:
-        fit(cfg, resume=args.resume, report=not args.no_report, resume_overrides=overrides if args.resume else None)
+        fit(cfg, resume=args.resume, resume_overrides=overrides if args.resume else None, on_finish=report_on_finish(write_report=not args.no_report))
     except (TrainingInterrupted, TrainingStopped):
         # The ranks stopped at the same step by agreement, and rank 0 may still be
         # writing: leave together, as fit() does at its end (a rank that tore its gloo
@@ -179,7 +180,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
     from cifarlab.config import resolve_config
     from cifarlab.lr_finder import find_lr_for_run, save_lr_find
-    from cifarlab.train import build_context
+    from cifarlab.context import build_context
 
     preset = args.preset
     if preset is None and args.config is None:

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from cifarlab.checkpoint import build_model, read_checkpoint
 from cifarlab.config import TrainConfig, config_from_dict, validate_mapping
-from cifarlab.engine import (
-    EpochResult,
-    confusion_matrix,
-    per_class_accuracy,
-    prepare_model,
-    resolve_channels_last,
-    resolve_device,
-    resolve_gemm_convs,
-    resolve_precision,
-    run_epoch,
-)
+from cifarlab import context
+from cifarlab.engine import EpochResult, confusion_matrix, per_class_accuracy, run_epoch
 from cifarlab.errors import CifarlabError
+from cifarlab.runtime import Runtime
 
 
 @dataclass
@@ -31,35 +23,34 @@ class LoadedRun:
     model: nn.Module
     info: dict[str, Any]
     cfg: TrainConfig
-    device: torch.device
-    precision: str
-    channels_last: bool
+    runtime: Runtime
     dataset: Any
 
 
 def load_for_inference(checkpoint: str, overrides: dict[str, Any] | None = None, load_data: bool = True) -> LoadedRun:
     """Rebuild model and (optionally) data from a checkpoint; ``overrides`` replace config keys
     such as data, dataset, limit_test, device, eval_batch_size, tta."""
-    from cifarlab.train import load_data as _load_data
-
     ckpt = read_checkpoint(checkpoint)
     stored = {k: v for k, v in ckpt.get("config", {}).items() if v is not None}
     cfg = config_from_dict({**stored, **validate_mapping(overrides or {}, "command line")})
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    channels_last = resolve_channels_last(cfg.channels_last, device)
-    gemm_convs = resolve_gemm_convs(cfg.gemm_convs, device, precision)
-    model = prepare_model(build_model(ckpt), device, channels_last, gemm_convs)
+    runtime = Runtime.resolve(cfg, training=False)
+    model = runtime.prepare(build_model(ckpt))
     ds = None
     if load_data:
-        ds = _load_data(cfg)
+        ds = context.load_data(cfg)
         if list(ds.classes) != list(ckpt["classes"]):
             raise CifarlabError(
                 f"the data's classes {list(ds.classes)[:5]}... do not match the checkpoint's "
                 f"{list(ckpt['classes'])[:5]}...; pass the --data/--dataset the model was trained on"
             )
     info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer", "scheduler", "scaler")}
-    return LoadedRun(model, info, cfg, device, precision, channels_last, ds)
+    return LoadedRun(model, info, cfg, runtime, ds)
+
+
+def run_from_model(model: nn.Module, info: Mapping[str, Any], cfg: TrainConfig, dataset) -> LoadedRun:
+    """A :class:`LoadedRun` around a model already in memory (the end of ``fit``): device
+    and memory format are read off the model, the precision resolved from the config."""
+    return LoadedRun(model, dict(info), cfg, Runtime.of_model(model, cfg.precision), dataset)
 
 
 def test_loader(run: LoadedRun):
@@ -69,25 +60,17 @@ def test_loader(run: LoadedRun):
     return DeviceLoader(
         run.dataset.test,
         run.cfg.eval_batch_size,
-        device=run.device,
+        device=run.runtime.device,
         mean=tuple(run.info["mean"]),
         std=tuple(run.info["std"]),
         shuffle=False,
-        channels_last=run.channels_last,
+        channels_last=run.runtime.channels_last,
     )
 
 
 def predict_split(run: LoadedRun) -> EpochResult:
     """Logits and targets for the whole test split (with the config's TTA)."""
-    return run_epoch(
-        run.model,
-        test_loader(run),
-        loss_fn=nn.CrossEntropyLoss(),
-        device=run.device,
-        precision=run.precision,
-        tta=run.cfg.tta,
-        collect=True,
-    )
+    return run_epoch(run.model, test_loader(run), run.runtime, loss_fn=nn.CrossEntropyLoss(), tta=run.cfg.tta, collect=True)
 
 
 def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict[str, Any]:

@@ -42,7 +42,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from cifarlab.engine import autocast
+from cifarlab.engine import Trainer
+from cifarlab.optim import make_optimizer
+from cifarlab.runtime import autocast
 from cifarlab.errors import CifarlabError
 
 # fastai's defaults: a 0.98 EMA (about 50 steps of memory) and "diverged" = 4x the best loss.
@@ -253,16 +255,7 @@ def lr_range_test(
     if steps < 5:
         raise CifarlabError(f"LR finder needs at least 5 steps, got {steps}")
     twin, opt = copy_training_state(model, optimizer)
-    swept = [g for g in opt.param_groups if not g.get("muon")]
-    base = swept[0]["lr"] or 1.0
-    ratios = [g["lr"] / base if base else 1.0 for g in swept]
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    lrs: list[float] = []
-    raw: list[float] = []
-    ema: list[float] = []
-    avg = 0.0
-    best = math.inf
-    stop = "reached end LR"
+    sweep = _Sweep(twin, opt, loss_fn, device, precision)
     saved_epoch = getattr(batches, "epoch", None)
     bar = None
     if progress:
@@ -274,42 +267,61 @@ def lr_range_test(
         with preserved_rng_state():
             stream = _endless(batches)
             for i in range(steps):
-                lr = start * (end / start) ** (i / (steps - 1))
-                for g, r in zip(swept, ratios):
-                    g["lr"] = lr * r
-                x, y = next(stream)
-                with autocast(device, precision):
-                    loss = loss_fn(twin(x).float(), y)
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    opt.step()
-                value = float(loss.detach())  # one host sync per step: the stop rule needs it
-                lrs.append(lr)
-                raw.append(value)
+                stopped = sweep.step(start * (end / start) ** (i / (steps - 1)), next(stream))
                 if bar is not None:
                     bar.update(1)
-                if not math.isfinite(value):
-                    stop = f"loss became non-finite at LR {lr:.3g}"
-                    ema.append(math.inf)
-                    break
-                avg = SMOOTHING * avg + (1 - SMOOTHING) * value
-                smoothed = avg / (1 - SMOOTHING ** (i + 1))
-                ema.append(smoothed)
-                best = min(best, smoothed)
-                if i > 0 and smoothed > DIVERGENCE_FACTOR * best:
-                    stop = f"loss diverged at LR {lr:.3g}"
+                if stopped:
                     break
     finally:
         if bar is not None:
             bar.close()
         if saved_epoch is not None:
             batches.set_epoch(saved_epoch)
-    return _result(lrs, raw, ema, stop, start, end, steps, div_factor, final_div_factor)
+    return _result(sweep.lrs, sweep.raw, sweep.ema, sweep.stop, start, end, steps, div_factor, final_div_factor)
+
+
+class _Sweep:
+    """The steps of one range test: set the LR, train one batch, track the loss, judge the stop."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, loss_fn, device: torch.device, precision: str):
+        self.model, self.loss_fn = model, loss_fn
+        self.device, self.precision = device, precision
+        self.swept = [g for g in opt.param_groups if not g.get("muon")]
+        base = self.swept[0]["lr"] or 1.0
+        self.ratios = [g["lr"] / base if base else 1.0 for g in self.swept]
+        # The step itself is training's (engine.Trainer), without a schedule: the LR is set here.
+        self.trainer = Trainer(opt, scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None)
+        self.lrs: list[float] = []
+        self.raw: list[float] = []
+        self.ema: list[float] = []
+        self.avg = 0.0
+        self.best = math.inf
+        self.stop = "reached end LR"
+
+    def step(self, lr: float, batch: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Train one batch at ``lr``; True when the sweep must stop here."""
+        for g, r in zip(self.swept, self.ratios):
+            g["lr"] = lr * r
+        x, y = batch
+        with autocast(self.device, self.precision):
+            loss = self.loss_fn(self.model(x).float(), y)
+        self.trainer.step(loss)
+        value = float(loss.detach())  # one host sync per step: the stop rule needs it
+        self.lrs.append(lr)
+        self.raw.append(value)
+        if not math.isfinite(value):
+            self.stop = f"loss became non-finite at LR {lr:.3g}"
+            self.ema.append(math.inf)
+            return True
+        i = len(self.raw) - 1
+        self.avg = SMOOTHING * self.avg + (1 - SMOOTHING) * value
+        smoothed = self.avg / (1 - SMOOTHING ** (i + 1))
+        self.ema.append(smoothed)
+        self.best = min(self.best, smoothed)
+        if i > 0 and smoothed > DIVERGENCE_FACTOR * self.best:
+            self.stop = f"loss diverged at LR {lr:.3g}"
+            return True
+        return False
 
 
 def _result(lrs, raw, ema, stop, start, end, steps, div_factor, final_div_factor) -> LRFindResult:
@@ -342,22 +354,20 @@ def _result(lrs, raw, ema, stop, start, end, steps, div_factor, final_div_factor
 
 
 def find_lr_for_run(ctx, *, start: float = DEFAULT_START, end: float = DEFAULT_END, steps: int = DEFAULT_STEPS, progress: bool = False) -> LRFindResult:
-    """Run the range test for a ``train.RunContext``: its model, optimizer settings, loss and loader.
+    """Run the range test for a ``context.RunContext``: its model, optimizer settings, loss and loader.
 
     The optimizer is built exactly as training builds it (same groups, weight decay,
     momentum, bias LR scale) so the suggestion is for the config's ``lr`` key.
     """
-    from cifarlab.train import make_optimizer
-
     cfg = ctx.cfg
-    optimizer = make_optimizer(cfg, ctx.model, start, ctx.device)
+    optimizer = make_optimizer(cfg, ctx.model, start, ctx.runtime.device)
     return lr_range_test(
         ctx.model,
         optimizer,
         ctx.train_loader,
         loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        device=ctx.device,
-        precision=ctx.precision,
+        device=ctx.runtime.device,
+        precision=ctx.runtime.precision,
         start=start,
         end=end,
         steps=steps,

@@ -1,4 +1,7 @@
-"""Muon for conv filters, Nesterov SGD for everything else, in one optimizer.
+"""Optimizers and LR schedules: parameter groups, the builders training and the LR
+finder share, and two pieces of the CIFAR speed-run recipes (Muon, Lookahead).
+
+Muon for conv filters, Nesterov SGD for everything else, in one optimizer.
 
 Muon (Keller Jordan, 2024; used by the airbench94_muon CIFAR-10 speed record) replaces
 each filter bank's momentum update by the nearest semi-orthogonal matrix: the update,
@@ -18,8 +21,13 @@ This is our own implementation of the published method.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+from torch import nn
+
+from cifarlab.errors import CifarlabError
+from cifarlab.runtime import cpu_has_fast_bf16
 
 #: Coefficients of the quintic Newton-Schulz map x -> a x + b x^3 + c x^5 from the Muon
 #: write-up: chosen so singular values in (0, 1] are pushed to roughly [0.7, 1.2] in five
@@ -73,9 +81,7 @@ class MuonSGD(torch.optim.Optimizer):
             if group["muon"] and any(p.ndim < 2 for p in group["params"]):
                 raise ValueError("Muon groups take only weights with ndim >= 2 (filters, matrices)")
         # Newton-Schulz in bf16 where matmuls are native in bf16 (CUDA, AVX512-BF16/AMX
-        # CPUs): 2.5x faster than fp32 on the 2-core CPU (36 vs 91 ms per fast-net step).
-        from cifarlab.engine import cpu_has_fast_bf16
-
+        # CPUs): the map tolerates the rounding and runs much faster (docs/performance.md).
         on_cuda = any(p.is_cuda for g in self.param_groups for p in g["params"])
         self._ns_dtype = torch.bfloat16 if on_cuda or cpu_has_fast_bf16() else torch.float32
 
@@ -164,3 +170,155 @@ class Lookahead:
             raise ValueError("lookahead state does not match the model's parameters")
         for key, value in slow.items():
             self.slow[key].copy_(value)
+
+
+# ------------------------------------------------------------- optimizer and schedule
+
+
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, bias_lr_scale: float, muon_lr: float | None = None
+) -> list[dict]:
+    """Split trainable params into weights (ndim > 1) and biases/norm affines (ndim <= 1).
+
+    With ``bias_lr_scale`` s != 1 the 1-d group gets lr*s and weight_decay/s, keeping the
+    per-step decay lr*wd unchanged (airbench's bias_scaler). Frozen params are skipped.
+    With ``muon_lr`` the conv filters (ndim 4) form a third group, ``muon=True``, at that
+    LR, placed last: the first group is the one at ``lr``, which logs, LR curves and
+    divergence advice report.
+    """
+    filters, weights, biases = [], [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            if muon_lr is not None and p.ndim == 4:
+                filters.append(p)
+            else:
+                (weights if p.ndim > 1 else biases).append(p)
+    groups = []
+    if weights or not filters:
+        groups.append({"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"})
+    if biases:
+        groups.append(
+            {
+                "params": biases,
+                "lr": lr * bias_lr_scale,
+                "weight_decay": weight_decay / bias_lr_scale,
+                "name": "biases",
+            }
+        )
+    if filters:
+        groups.append({"params": filters, "lr": muon_lr, "weight_decay": 0.0, "name": "filters", "muon": True})
+    return groups
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    *,
+    lr: float,
+    momentum: float,
+    nesterov: bool,
+    weight_decay: float,
+    bias_lr_scale: float = 1.0,
+    muon_lr: float = 0.24,
+    muon_momentum: float = 0.6,
+    device: torch.device | None = None,
+) -> torch.optim.Optimizer:
+    """SGD (optionally Nesterov), Adam (L2 in the gradient), AdamW (decoupled decay), or
+    Muon: orthogonalised updates at ``muon_lr``/``muon_momentum`` for the conv filters and
+    SGD with the other settings for the rest (see :mod:`cifarlab.optim`)."""
+    if name == "muon":
+        groups = param_groups(model, lr, weight_decay, bias_lr_scale, muon_lr=muon_lr)
+        for group in groups:
+            if group.get("muon"):
+                group["momentum"] = muon_momentum
+        return MuonSGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    groups = param_groups(model, lr, weight_decay, bias_lr_scale)
+    # fused kernels exist for CUDA; on CPU the foreach path is the fast one.
+    fast = {"fused": True} if device is not None and device.type == "cuda" else {"foreach": True}
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, **fast)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999), **fast)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), **fast)
+    raise CifarlabError(f"unknown optimizer '{name}'")
+
+
+@dataclass(frozen=True)
+class SchedulerPlan:
+    """How and when to step the LR scheduler."""
+
+    scheduler: object | None
+    per_step: bool  # One-Cycle/cosine/constant step every batch; plateau once per epoch
+    on_metric: bool  # ReduceLROnPlateau wants the test loss
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    *,
+    total_steps: int,
+    pct_start: float = 0.25,
+    anneal: str = "cos",
+    div_factor: float = 25.0,
+    final_div_factor: float = 1e4,
+    plateau_factor: float = 0.1,
+    plateau_patience: int = 3,
+) -> SchedulerPlan:
+    """One-Cycle (per step), ReduceLROnPlateau (per epoch on test loss), cosine, constant."""
+    sched = torch.optim.lr_scheduler
+    if name == "onecycle":
+        max_lrs = [g["lr"] for g in optimizer.param_groups]
+        s = sched.OneCycleLR(
+            optimizer,
+            max_lr=max_lrs,
+            total_steps=total_steps,
+            pct_start=pct_start,
+            anneal_strategy=anneal,
+            div_factor=div_factor,
+            final_div_factor=final_div_factor,
+            # Momentum cycling fights Nesterov's fixed-momentum recipes of the speed-runs
+            # and Adam's beta1; keep momentum constant as airbench does.
+            cycle_momentum=False,
+        )
+        return SchedulerPlan(s, per_step=True, on_metric=False)
+    if name == "cosine":
+        return SchedulerPlan(sched.CosineAnnealingLR(optimizer, T_max=total_steps), True, False)
+    if name == "constant":
+        return SchedulerPlan(None, per_step=True, on_metric=False)
+    if name == "plateau":
+        s = sched.ReduceLROnPlateau(optimizer, mode="min", factor=plateau_factor, patience=plateau_patience)
+        return SchedulerPlan(s, per_step=False, on_metric=True)
+    raise CifarlabError(f"unknown scheduler '{name}'")
+
+
+def make_optimizer(cfg, model: nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """The config's optimizer at peak LR ``lr``: one builder for training and the LR finder,
+    so the finder sweeps exactly the groups, decay and momentum the run will use."""
+    return build_optimizer(
+        model,
+        cfg.optimizer,
+        lr=lr,
+        momentum=cfg.momentum,
+        nesterov=cfg.nesterov,
+        weight_decay=cfg.weight_decay,
+        bias_lr_scale=cfg.bias_lr_scale,
+        muon_lr=cfg.muon_lr,
+        muon_momentum=cfg.muon_momentum,
+        device=device,
+    )
+
+
+def make_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int) -> SchedulerPlan:
+    """The config's LR schedule over ``total_steps`` optimizer steps."""
+    return build_scheduler(
+        optimizer,
+        cfg.scheduler,
+        total_steps=total_steps,
+        pct_start=cfg.pct_start,
+        anneal=cfg.anneal,
+        div_factor=cfg.div_factor,
+        final_div_factor=cfg.final_div_factor,
+        plateau_factor=cfg.plateau_factor,
+        plateau_patience=cfg.plateau_patience,
+    )

@@ -12,8 +12,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch import nn
-
 from cifarlab.errors import CifarlabError
 
 
@@ -70,15 +68,15 @@ def predict_files(
     loader = DeviceLoader(
         Split(images, torch.zeros(len(names), dtype=torch.int64)),
         run.cfg.eval_batch_size,
-        device=run.device,
+        device=run.runtime.device,
         mean=mean,
         std=std,
         shuffle=False,
-        channels_last=run.channels_last,
+        channels_last=run.runtime.channels_last,
     )
-    # run_epoch evaluates with the checkpoint's TTA; the labels are placeholders, so its
-    # loss/accuracy are meaningless and ignored.
-    res = run_epoch(run.model, loader, loss_fn=nn.CrossEntropyLoss(), device=run.device, precision=run.precision, tta=run.cfg.tta, collect=True)
+    # Plain prediction with the checkpoint's TTA: no loss, and the placeholder labels'
+    # accuracy is ignored.
+    res = run_epoch(run.model, loader, run.runtime, tta=run.cfg.tta, collect=True)
     probs = res.logits.softmax(1)
     k = min(topk, len(classes))
     top_p, top_i = probs.topk(k, dim=1)

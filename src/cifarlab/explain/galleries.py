@@ -248,13 +248,15 @@ def explain_checkpoint(
         n_misclassified=n_misclassified,
         n_correct=n_correct,
         layer=layer,
-        channels_last=run.channels_last,
+        channels_last=run.runtime.channels_last,
     )
 
 
 def default_explain_dir(checkpoint: str | Path) -> Path:
     """``RUN/explain`` for ``RUN/checkpoints/x.pt``, else ``explain-<stem>`` beside the file."""
+    from cifarlab.rundir import CHECKPOINTS
+
     p = Path(checkpoint)
-    if p.parent.name == "checkpoints":
+    if p.parent.name == CHECKPOINTS:
         return p.parent.parent / "explain"
     return p.parent / f"explain-{p.stem}"

@@ -35,9 +35,10 @@ def _unique_names(paths: Sequence[Path]) -> list[str]:
 def _load_run(path: Path, name: str, device: str | None) -> _Run:
     from cifarlab.checkpoint import read_checkpoint
     from cifarlab.evaluate import metrics_from_logits
-    from cifarlab.report.build import load_predictions
+    from cifarlab.report.predictions import load_predictions
+    from cifarlab.rundir import RunDir
 
-    ckpt_path = path / "checkpoints" / "last.pt"
+    ckpt_path = RunDir(path).last
     if not ckpt_path.is_file():
         raise CifarlabError(f"{path} is not a finished run directory (no checkpoints/last.pt)")
     ckpt = read_checkpoint(ckpt_path)
@@ -58,7 +59,7 @@ def _load_run(path: Path, name: str, device: str | None) -> _Run:
 def _stored_test_size(path: Path) -> int | None:
     import numpy as np
 
-    from cifarlab.report.build import PREDICTIONS_FILE
+    from cifarlab.report.predictions import PREDICTIONS_FILE
 
     f = path / PREDICTIONS_FILE
     if not f.is_file():
@@ -75,7 +76,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
     from cifarlab.explain.overlay import figure_png
     from cifarlab.lr_finder import load_lr_find
     from cifarlab.report import plots
-    from cifarlab.report.build import Figure_, render_html
+    from cifarlab.report.render import Figure_, render_html
 
     if len(run_dirs) < 2:
         raise CifarlabError("report --compare needs at least two run directories")

@@ -1,0 +1,190 @@
+"""The template context of one run's report: every value both templates render, as plain data.
+
+Built from the checkpoint (config, history, environment), the test metrics, the Grad-CAM
+explanation and the model summary; the templates only format it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+# Section ids, in page order. Tests check that every one is present in both outputs.
+SECTIONS = (
+    ("results", "Results"),
+    ("timing", "Wall time"),
+    ("environment", "Device and library versions"),
+    ("config", "Resolved config"),
+    ("model", "Model summary"),
+    ("lr-finder", "LR finder"),
+    ("curves", "Training curves"),
+    ("per-class", "Per-class accuracy"),
+    ("confusion", "Confusion matrix"),
+    ("augmentations", "Augmented training samples"),
+    ("misclassified", "Misclassified test images with Grad-CAM"),
+    ("correct", "Correctly classified test images with Grad-CAM"),
+    ("faithfulness", "Grad-CAM faithfulness"),
+)
+
+# Share of a gallery's images on which the CAM mask must beat the random one before the
+# report says the maps matter: a coin flip is 50%, so ask for a clear majority.
+_CLEAR_WIN_SHARE = 0.6
+
+
+def faithfulness_verdict(f) -> str:
+    """One phrase reading a gallery's deletion check (see explain.faithfulness)."""
+    if f.n == 0:
+        return "no images"
+    if f.cam_drop <= 0:
+        # Masking can raise a prediction (a low-confidence model, or masked pixels that
+        # argued against the class): the map then shows nothing the prediction rests on.
+        return "masking the highlighted pixels does not lower the prediction"
+    if f.cam_drop > f.random_drop and f.cam_wins >= _CLEAR_WIN_SHARE:
+        return "highlighted pixels matter more than random blobs"
+    if f.cam_drop > f.random_drop:
+        # A higher mean carried by a few images is not evidence about the typical map.
+        return f"mixed: a larger drop on average, but on only {f.cam_wins:.0%} of the images"
+    return "no better than masking random blobs"
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def _results_rows(history: Sequence[Mapping[str, Any]], dataset) -> list[dict[str, Any]]:
+    """Best (with its epoch) and last accuracy per split."""
+    results = []
+    for split in ("train", "test"):
+        rows = [r for r in history if r.get(f"{split}_acc") is not None]  # eval_every skips test rows
+        if rows:
+            best = max(rows, key=lambda r: r[f"{split}_acc"])
+            results.append(
+                {
+                    "split": getattr(dataset, "eval_split", "test") if split == "test" else split,
+                    "best": best[f"{split}_acc"],
+                    "best_epoch": best["epoch"],
+                    "last": history[-1][f"{split}_acc"],
+                }
+            )
+    return results
+
+
+def _timing(ckpt: Mapping[str, Any], history: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Wall time of the run, in total and per epoch."""
+    seconds = float(ckpt.get("seconds", sum(r.get("seconds", 0.0) for r in history)))
+    n_epochs = len(history)
+    return {
+        "wall": _fmt_seconds(seconds),
+        "wall_seconds": seconds,
+        "epochs": n_epochs,
+        "per_epoch": seconds / n_epochs if n_epochs else float("nan"),
+        "train_per_epoch": (sum(r.get("train_seconds", 0.0) for r in history) / n_epochs) if n_epochs else float("nan"),
+    }
+
+
+def _environment(ckpt: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    env = dict(ckpt.get("environment", {}))
+    # "versions" repeats torch/cifarlab from the environment; show only what it adds.
+    for k, v in dict(ckpt.get("versions", {})).items():
+        if env.get(k) != v:
+            env[f"{k} (versions)"] = v
+    return sorted(env.items())
+
+
+def _per_class(metrics: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Accuracy and test-image count per class, and the worst class (NaN, a class with no images, never is)."""
+    counts = [int(sum(row)) for row in metrics["confusion"]]
+    per_class = [
+        {"name": c, "acc": a, "n": n}
+        for (c, a), n in zip(metrics["per_class"].items(), counts)
+    ]
+    worst = min(per_class, key=lambda r: (r["acc"] if not math.isnan(r["acc"]) else 2.0)) if per_class else None
+    return per_class, worst
+
+
+def _faithfulness_rows(expl) -> list[dict[str, Any]]:
+    rows = []
+    for g in expl.galleries():
+        f = g.faithfulness
+        rows.append(
+            {
+                "gallery": g.kind,
+                "n": f.n,
+                "cam_drop": f.cam_drop,
+                "random_drop": f.random_drop,
+                "cam_wins": f.cam_wins,
+                "verdict": faithfulness_verdict(f),
+            }
+        )
+    return rows
+
+
+def _galleries(expl) -> dict[str, list[dict[str, Any]]]:
+    """Each gallery's table rows, probabilities already formatted."""
+    return {
+        g.kind: [
+            {**row, "prob_text": f"{row['prob']:.2f}", "actual_prob_text": f"{row['actual_prob']:.2f}"}
+            for row in g.rows(expl.classes)
+        ]
+        for g in expl.galleries()
+    }
+
+
+def _data_words(ckpt: Mapping[str, Any]) -> str:
+    ds = ckpt.get("dataset", {})
+    if ds.get("synthetic"):
+        return "SYNTHETIC data (procedurally generated patterns, not CIFAR-10)"
+    return f"{ds.get('name', '?')} data at {ds.get('root', '?')}"
+
+
+def report_context(ckpt: Mapping[str, Any], cfg, dataset, metrics: Mapping[str, Any], expl, summary, run_dir: Path) -> dict[str, Any]:
+    """Everything both templates render, as plain values."""
+    from cifarlab.config import to_toml
+    from cifarlab.lr_finder import load_lr_find
+
+    history = list(ckpt.get("history", []))
+    per_class, worst = _per_class(metrics)
+    return {
+        "title": f"cifarlab report: {run_dir.name}",
+        "run_name": run_dir.name,
+        "run_dir": str(run_dir),
+        "generated": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "synthetic": bool(ckpt.get("dataset", {}).get("synthetic")),
+        "data_words": _data_words(ckpt),
+        "n_train": len(dataset.train),
+        "n_test": len(dataset.test),
+        "eval_split": getattr(dataset, "eval_split", "test"),
+        "model_name": ckpt["model"]["name"],
+        "epoch": int(ckpt.get("epoch", 0)),
+        "final_tta": history[-1].get("tta", cfg.tta) if history else cfg.tta,
+        "results": _results_rows(history, dataset),
+        "test_accuracy": metrics["accuracy"],
+        "timing": _timing(ckpt, history),
+        "environment": _environment(ckpt),
+        "config_toml": to_toml(cfg),
+        "summary": {
+            "text": summary.text,
+            "params": summary.params,
+            "trainable": summary.trainable_params,
+            "macs": summary.macs_per_image,
+        },
+        "lr_find": load_lr_find(run_dir),
+        "lr_auto": cfg.lr == "auto",
+        "lr_value": cfg.lr,
+        "per_class": per_class,
+        "worst_class": worst,
+        "classes": expl.classes,
+        "confusion": metrics["confusion"],
+        "augment": cfg.augment,
+        "layer": expl.layer,
+        "galleries": _galleries(expl),
+        "faithfulness": _faithfulness_rows(expl),
+        "faith_fraction": expl.misclassified.faithfulness.fraction,
+        "sections": SECTIONS,
+    }

@@ -1,0 +1,54 @@
+"""The report's figures of one run, rendered to PNG (the drawing itself is in ``plots``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from cifarlab.report.render import Figure_
+
+_AUGMENT_ROWS = 8
+
+
+def _augment_images(dataset) -> torch.Tensor:
+    """The first training image of each of up to 8 classes (then more images if fewer classes)."""
+    labels = dataset.train.labels
+    picked: list[int] = []
+    for c in range(int(labels.max()) + 1 if labels.numel() else 0):
+        hits = (labels == c).nonzero().flatten()
+        if hits.numel():
+            picked.append(int(hits[0]))
+        if len(picked) == _AUGMENT_ROWS:
+            break
+    for i in range(len(labels)):
+        if len(picked) >= min(_AUGMENT_ROWS, len(labels)):
+            break
+        if i not in picked:
+            picked.append(i)
+    return dataset.train.images[sorted(picked)]
+
+
+def report_figures(ckpt: Mapping[str, Any], cfg, dataset, metrics: Mapping[str, Any], expl, run_dir: Path) -> list[Figure_]:
+    """Every figure of the report, in page order: LR finder (if it ran), curves, per-class
+    accuracy, confusion matrix, augmented samples and the Grad-CAM galleries."""
+    from cifarlab.data import AugmentSpec
+    from cifarlab.explain.overlay import figure_png
+    from cifarlab.report import plots
+
+    out = []
+    lr_png = run_dir / "lr_find.png"
+    if lr_png.is_file():
+        out.append(Figure_("lr_find", "loss against learning rate, suggestion marked", lr_png.read_bytes()))
+    history = list(ckpt.get("history", []))
+    out.append(Figure_("curves", "loss and accuracy per epoch, LR per step", figure_png(plots.curves_figure(history, ckpt.get("lrs", [])))))
+    classes = list(metrics["per_class"])
+    out.append(Figure_("per_class", "per-class test accuracy", figure_png(plots.per_class_figure(classes, list(metrics["per_class"].values())))))
+    out.append(Figure_("confusion", "confusion matrix", figure_png(plots.confusion_figure(metrics["confusion"], classes))))
+    spec = AugmentSpec.parse(cfg.augment)
+    aug = plots.augmentation_figure(_augment_images(dataset), spec, ckpt["mean"], ckpt["std"], seed=cfg.seed)
+    out.append(Figure_("augmentations", "augmented training samples", figure_png(aug)))
+    for g in expl.galleries():
+        out.append(Figure_(g.kind, f"{g.kind} test images with Grad-CAM", figure_png(g.figure(expl.classes))))
+    return out
