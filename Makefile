@@ -14,7 +14,7 @@ TRAIN_ARGS ?= $(if $(wildcard $(SHARED_CIFAR)/train),--dataset imagefolder --dat
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: venv train test bench clean
+.PHONY: venv train test clean
 
 $(BIN)/cifarlab: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     keep_freed_memory()  # as the cifarlab command does
 
     from cifarlab.config import TrainConfig
-    from cifarlab.gemm_conv import _GemmConv2d, supports_gemm, takes_gemm_path, use_gemm_convs
+    from cifarlab.gemm_conv import GemmConv2dFunction, supports_gemm, takes_gemm_path, use_gemm_convs
     from cifarlab.models import create_model
     from cifarlab.runtime import DTYPES, Runtime
 
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
             F.conv2d(inp, w, None, stride, padding).backward(grad)
 
         def gemm():
-            _GemmConv2d.apply(inp, w, stride, padding, tuple(out.shape[-2:])).backward(grad)
+            GemmConv2dFunction.apply(inp, w, stride, padding, tuple(out.shape[-2:])).backward(grad)
 
         row = {
             "input": list(in_shape), "weight": list(w_shape), "stride": list(stride), "count": entry["count"],

@@ -12,7 +12,7 @@ from torch import nn
 from cifarlab.config import config_from_dict
 from cifarlab.runtime import prepare_model, resolve_gemm_convs
 from cifarlab.errors import CifarlabError
-from cifarlab.gemm_conv import MAX_GEMM_TAPS, _GemmConv2d, gemm_conv2d, supports_gemm, takes_gemm_path, use_gemm_convs
+from cifarlab.gemm_conv import MAX_GEMM_TAPS, GemmConv2dFunction, gemm_conv2d, supports_gemm, takes_gemm_path, use_gemm_convs
 from cifarlab.models import create_model, list_models
 
 # (in, out, kernel, stride, padding, map side): the shapes the models use on small maps,
@@ -38,7 +38,7 @@ def test_gradients_match_autograd_numerically(shape):
     ref = F.conv2d(x, conv.weight, None, s, p)
 
     def f(x, w):
-        return _GemmConv2d.apply(x, w, conv.stride, conv.padding, tuple(ref.shape[-2:]))
+        return GemmConv2dFunction.apply(x, w, conv.stride, conv.padding, tuple(ref.shape[-2:]))
 
     torch.testing.assert_close(f(x, conv.weight), ref)
     assert torch.autograd.gradcheck(f, (x, conv.weight))
@@ -90,7 +90,7 @@ def test_path_rule_follows_the_measured_threshold():
 def test_large_maps_call_the_native_conv(monkeypatch):
     conv = nn.Conv2d(4, 4, 3, 1, 1, bias=False)
     calls = []
-    monkeypatch.setattr(_GemmConv2d, "apply", lambda *a: calls.append(a))
+    monkeypatch.setattr(GemmConv2dFunction, "apply", lambda *a: calls.append(a))
     gemm_conv2d(conv, torch.randn(1, 4, 16, 16))
     assert calls == []
     gemm_conv2d(conv, torch.randn(1, 4, 4, 4))

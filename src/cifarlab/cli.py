@@ -89,7 +89,7 @@ def _add_train_flags(p: argparse.ArgumentParser, model_choices: Sequence[str]) -
 _SWITCHES: list[tuple[str, str, str]] = [
     ("--compile", "compile", "torch.compile the training step (measure first: it can be slower on CPU)"),
     ("--lookahead", "lookahead", "lookahead of the weights every 5 steps, ending on the slow weights (airbench94)"),
-    ("--skip-bad", "skip_bad", "image folders: train without unreadable files (refused if more than 1% are bad)"),
+    ("--skip-bad", "skip_bad", "image folders: train without unreadable files (refused if more than 1%% are bad)"),
 ]
 # Flags that set a boolean config key to false.
 _OFF_SWITCHES: list[tuple[str, str, str]] = [

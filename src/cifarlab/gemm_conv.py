@@ -1,9 +1,9 @@
 """Convolution as one matrix multiply (im2col GEMM), for the small maps where oneDNN is slow on CPU.
 
-On the AMX Xeon (2026-12-03, ``benchmarks/conv_paths.py``) oneDNN's bf16 convolutions
-were slow on small maps, the backward pass above all: a 3x3 conv of ResNet18's layer4
-(512 channels, 4x4 maps) took 2.6x as long, forward plus both gradients, as one of its
-layer1 (64 channels, 32x32) that does the same multiply-adds. A conv over a small map is a small
+On CPUs with AMX, oneDNN's bf16 convolutions are slow on small maps, the backward pass
+above all: a 3x3 conv of ResNet18's layer4 (512 channels, 4x4 maps) takes much longer,
+forward plus both gradients, than one of its layer1 (64 channels, 32x32) that does the
+same multiply-adds (``benchmarks/conv_paths.py``; figures in docs/performance.md). A conv over a small map is a small
 matmul in disguise: with the batch in the rows, ``(B*Ho*Wo, k*k*Cin) @ (k*k*Cin, Cout)``
 is big enough for the matrix units, and building the ``k*k``-times larger patch matrix
 costs little when the map is small. So for such maps this module runs forward, input
@@ -79,7 +79,7 @@ def _fold(cols: torch.Tensor, shape_nhwc: tuple[int, int, int, int], k: tuple[in
     return out[:, ph : ph + h, pw : pw + w, :]
 
 
-class _GemmConv2d(torch.autograd.Function):
+class GemmConv2dFunction(torch.autograd.Function):
     """conv2d (no bias, groups 1, dilation 1) as im2col matmuls; inputs already in ``dtype``."""
 
     @staticmethod
@@ -115,7 +115,7 @@ class _GemmConv2d(torch.autograd.Function):
 
 
 def gemm_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``, through :class:`_GemmConv2d` when :func:`takes_gemm_path` says so.
+    """``conv(x)``, through :class:`GemmConv2dFunction` when :func:`takes_gemm_path` says so.
 
     Under autocast the input and weight are cast to the autocast dtype first, as
     ``F.conv2d`` would be; the weight gradient comes back in the weight's own dtype.
@@ -129,7 +129,7 @@ def gemm_conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        return _GemmConv2d.apply(x, weight, conv.stride, conv.padding, out_hw)
+        return GemmConv2dFunction.apply(x, weight, conv.stride, conv.padding, out_hw)
 
 
 def supports_gemm(conv: nn.Module) -> bool:

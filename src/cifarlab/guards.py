@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import shutil
 import signal
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,16 +185,6 @@ def nonfinite_entries(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, 
     return [named[i][0] for i in sorted(bad)]
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
-    """(name, tensor) of every state tensor of ``optimizer`` (momentum, Adam moments)."""
-    out = []
-    for i, state in enumerate(optimizer.state.values()):
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                out.append((f"optimizer.{i}.{key}", value))
-    return out
-
-
 # --------------------------------------------------------------------- disk space
 
 #: Checkpoint files a run needs room for: last.pt, best.pt, and the temporary copy that
@@ -236,8 +225,3 @@ def check_disk_space(run_dir: Path, model: nn.Module, existing: Iterable[Path] =
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
-
-
-def write_stderr(message: str) -> None:
-    """Print ``cifarlab: message`` on stderr (used from signal handlers: no logging locks)."""
-    print(f"cifarlab: {message}", file=sys.stderr, flush=True)

@@ -5,15 +5,13 @@ glibc serves every allocation above its mmap threshold (32 MiB at most) with a f
 frees activations of that size every step (the fast net at batch 1024: 134 MB per bf16
 activation of its first block), so each step page-faults all of them in again, and the
 zero-fill of max-pool's backward, the first write to those pages, pays for it. In a VM a
-page fault is expensive: on the 2026-12-02 Intel Xeon (AMX) machine, zeroing a freshly
-allocated 67 MB tensor took 14-16 ms and 16,384 page faults against 4.2-4.3 ms for the
-same tensor reused (benchmarks/alloc_fill.py), and the fast net's step at batch 1024 ran
-21-23% faster with freed memory kept (benchmarks/step_time.py; README, Results).
+page fault is expensive; benchmarks/alloc_fill.py and benchmarks/step_time.py measure
+what that costs, and docs/performance.md has the figures.
 
 Keeping freed memory in the heap is what jemalloc/tcmalloc (Intel's recommendation for
 PyTorch on CPUs) achieve by preloading; ``mallopt`` gets the same effect with nothing to
-install. The cost is a resident set that stays at its peak (2.9 GB instead of 2.3 GB for
-a ``fast`` epoch). Results do not change: only where the memory comes from does.
+install. The cost is a resident set that stays at its peak. Results do not change: only
+where the memory comes from does.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Progressive resizing: train the first part of a run on downscaled images.
 
 A conv net's cost per image scales with its pixel count, so an epoch at 24x24 costs about
-half of one at 32x32 (measured on the fast net: 2.1x the images/s). The early epochs,
+half of one at 32x32 (docs/performance.md has the measured rate). The early epochs,
 where the net learns coarse features at a high learning rate, lose little from the lower
 resolution; the last epochs at full size adapt the filters and BatchNorm statistics to the
 size they are evaluated at (fastai's progressive resizing; Touvron et al. 2019 on the

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 from torch import nn
 
+# NORMS (the accepted ``norm`` names) is defined once, in config, which validates them.
+from cifarlab.config import NORMS
 from cifarlab.errors import CifarlabError
-
-#: The accepted ``norm`` names, in the order the CLI should show them.
-NORMS: tuple[str, ...] = ("batch", "group", "layer")
 
 #: Groups for ``"group"``. Wu & He (2018) found 32 groups best on ImageNet ResNets but
 #: accuracy is flat between 8 and 32; 8 divides every width our models use (the fast
