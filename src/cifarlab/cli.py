@@ -274,6 +274,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.export:
+        from cifarlab.demo.export import export_space
+
+        out = export_space(args.source, args.export, device=args.device, data=args.data)
+        print(f"Hugging Face Space written to {out}; try it with: python {out}/app.py --port {args.port}")
+        return 0
+    from cifarlab.demo.app import check_port, serve
+    from cifarlab.demo.core import DemoModel
+
+    check_port(args.host, args.port)  # before the model loads: a busy port fails at once
+    model = DemoModel.load(args.source, device=args.device, data=args.data)
+    serve(model, host=args.host, port=args.port)
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 
 
@@ -344,7 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="the run's dataset, if it moved since training (default: its config's path)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_report)
+
+    _add_demo_parser(sub)
     return parser
+
+
+def _add_demo_parser(sub: Any) -> None:
+    """The ``demo`` subcommand's arguments."""
+    p = sub.add_parser("demo", help="interactive web app (Gradio, localhost) for a run, or --export a Hugging Face Space")
+    p.add_argument("source", metavar="SOURCE", help="a run directory, a checkpoint (.pt / .safetensors) or an exported Space folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (7860)")
+    p.add_argument("--data", metavar="DIR", help="the run's dataset, if it moved since training (default: its config's path)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="device for the model (default: cpu)")
+    p.add_argument("--export", metavar="DIR", help="write a folder that runs as a Hugging Face Space instead of serving")
+    p.set_defaults(func=cmd_demo)
 
 
 def _add_checkpoint_data_flags(p: argparse.ArgumentParser, subset: str) -> None:

@@ -135,7 +135,22 @@ def _decode_image(path: str, decoder: Callable[[torch.Tensor], torch.Tensor] | N
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as im:
-            rgb = _to_rgb(im)
+            return image_pixels(im)
+    return _fit(rgb)
+
+
+def image_pixels(im: Any) -> np.ndarray:
+    """A Pillow image (any mode, any size) as the (32,32,3) uint8 RGB array that
+    :func:`decode_images` makes of a file holding it; raises on unreadable image data.
+
+    For callers that already hold an image in memory (the demo app's uploads), so that it
+    predicts exactly as the same file does in ``cifarlab predict``.
+    """
+    return _fit(_to_rgb(im))
+
+
+def _fit(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB at the model's input size (antialiased resize when it differs)."""
     if rgb.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
         rgb = _resize(np.ascontiguousarray(rgb))
     return rgb
