@@ -6,11 +6,12 @@ Notebook API::
     model, info = cifarlab.load_checkpoint("runs/fast-.../checkpoints/best.pt")
     net = cifarlab.create_model("resnet18", num_classes=10, norm="batch")
     cifarlab.list_models()
+    model, info = cifarlab.load_pretrained("runs/fast-.../export/hf")   # cifarlab export --format hf
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "create_model", "list_models", "load_checkpoint"]
+__all__ = ["__version__", "create_model", "list_models", "load_checkpoint", "load_pretrained"]
 
 
 def __getattr__(name: str):
@@ -23,4 +24,8 @@ def __getattr__(name: str):
         from cifarlab.checkpoint import load_checkpoint
 
         return load_checkpoint
+    if name == "load_pretrained":
+        from cifarlab.pretrained import load_pretrained
+
+        return load_pretrained
     raise AttributeError(f"module 'cifarlab' has no attribute {name!r}")

@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     _add_demo_parser(sub)
+    from cifarlab.export.command import add_export_parser
+
+    add_export_parser(sub, _Parser)
     return parser
 
 
