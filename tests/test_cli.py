@@ -72,6 +72,16 @@ def test_evaluate_json_matches_training_metrics(trained_run, cli):
     assert sum(map(sum, m["confusion"])) == 256
     assert list(m["per_class"]) == ["class0", "class1", "class2", "class3"]
     assert m["dataset"] == "synthetic"
+    # the classification report agrees with the matrix: weighted recall is the accuracy,
+    # per-class recall the per-class accuracy, and the pairs are the off-diagonal counts
+    report = m["report"]
+    assert report["weighted"]["recall"] == pytest.approx(m["accuracy"], abs=1e-9)
+    assert [report["per_class"][c]["recall"] for c in m["per_class"]] == pytest.approx(list(m["per_class"].values()))
+    classes = list(m["per_class"])
+    for actual, predicted, count in m["most_confused"]:
+        assert m["confusion"][classes.index(actual)][classes.index(predicted)] == count and actual != predicted
+    assert [c for _, _, c in m["most_confused"]] == sorted((c for _, _, c in m["most_confused"]), reverse=True)
+    assert all(sum(row) == pytest.approx(1.0) for row in m["confusion_normalized"])
     # the safetensors export gives the same numbers
     proc = cli("evaluate", "--checkpoint", str(out / "model.safetensors"), "--json")
     assert proc.returncode == 0, proc.stderr
@@ -83,6 +93,7 @@ def test_evaluate_text_output(trained_run, cli):
     proc = cli("evaluate", "--checkpoint", str(out / "checkpoints" / "best.pt"))
     assert proc.returncode == 0, proc.stderr
     assert "test accuracy" in proc.stdout and "confusion matrix" in proc.stdout and "class3" in proc.stdout
+    assert "precision" in proc.stdout and "weighted avg" in proc.stdout
 
 
 def test_resume_cannot_stretch_a_onecycle_schedule(trained_run, cli):

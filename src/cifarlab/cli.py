@@ -159,7 +159,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     }
     metrics = evaluate_checkpoint(args.checkpoint, overrides)
     if args.json:
-        print(json.dumps({k: metrics[k] for k in ("accuracy", "per_class", "confusion", "n", "dataset")}))
+        keys = ("accuracy", "per_class", "confusion", "confusion_normalized", "report", "most_confused", "n", "dataset")
+        print(json.dumps({k: metrics[k] for k in keys}))
     else:
         print(format_metrics(metrics))
     return 0

@@ -13,6 +13,7 @@ from cifarlab.config import TrainConfig, config_from_dict, validate_mapping
 from cifarlab import context
 from cifarlab.engine import EpochResult, confusion_matrix, per_class_accuracy, run_epoch
 from cifarlab.errors import CifarlabError
+from cifarlab.metrics import classification_report, most_confused, normalise_rows
 from cifarlab.runtime import Runtime
 
 
@@ -89,7 +90,11 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict[str, Any] | None = None
     """Evaluate a checkpoint on its test split; returns the metrics dict plus n and dataset."""
     run = load_for_inference(checkpoint, overrides)
     res = predict_split(run)
-    out = metrics_from_logits(res.logits, res.targets, list(run.info["classes"]))
+    classes = list(run.info["classes"])
+    out = metrics_from_logits(res.logits, res.targets, classes)
+    out["report"] = classification_report(out["confusion"], classes)
+    out["confusion_normalized"] = normalise_rows(out["confusion"])
+    out["most_confused"] = [list(t) for t in most_confused(out["confusion"], classes)]
     out["n"] = res.n
     out["loss"] = res.loss
     out["dataset"] = "synthetic" if run.dataset.synthetic else run.dataset.name
@@ -97,12 +102,19 @@ def evaluate_checkpoint(checkpoint: str, overrides: dict[str, Any] | None = None
 
 
 def format_metrics(m: dict[str, Any]) -> str:
-    """Human-readable accuracy, per-class table and confusion matrix."""
+    """Human-readable accuracy, classification report, most confused pairs and confusion matrix."""
     classes = list(m["per_class"])
-    width = max(8, max(len(c) for c in classes))
-    lines = [f"test accuracy: {m['accuracy']:.2%} on {m['n']} images ({m['dataset']})", "", "per-class accuracy:"]
-    for c, a in m["per_class"].items():
-        lines.append(f"  {c:<{width}} {a:7.2%}")
+    width = max(12, max(len(c) for c in classes))
+    lines = [f"test accuracy: {m['accuracy']:.2%} on {m['n']} images ({m['dataset']})", ""]
+    lines.append(f"  {'class':<{width}} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}   (recall = per-class accuracy)")
+    report = m["report"]
+    rows = [(c, report["per_class"][c]) for c in classes] + [("macro avg", report["macro"]), ("weighted avg", report["weighted"])]
+    for name, r in rows:
+        lines.append(f"  {name:<{width}} {r['precision']:9.2%} {r['recall']:7.2%} {r['f1']:7.2%} {r['support']:>8d}")
+    pairs = m["most_confused"][:10]
+    if pairs:
+        lines += ["", "most confused (actual -> predicted: count):"]
+        lines += [f"  {a} -> {p}: {n}" for a, p, n in pairs]
     lines += ["", "confusion matrix (rows = true, columns = predicted):"]
     short = [c[:6] for c in classes]
     lines.append(" " * (width + 2) + " ".join(f"{s:>6}" for s in short))
