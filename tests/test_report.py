@@ -168,3 +168,27 @@ def test_report_of_a_run_whose_dataset_moved_takes_data(tmp_path, cli):
     assert found.returncode == 0, found.stderr[-2000:]
     assert (run / "report.html").is_file() and (run / "explain" / "cams.npz").is_file()
     assert cli("report", "--compare", str(run), str(run), "--data", str(moved)).returncode == 2
+
+
+def test_per_class_precision_f1_and_most_confused_pairs_match_the_predictions(run_dir):
+    import numpy as np
+
+    from cifarlab.checkpoint import read_checkpoint
+    from cifarlab.metrics import classification_report, most_confused
+
+    z = np.load(run_dir / "predictions.npz")
+    classes = read_checkpoint(run_dir / "checkpoints" / "last.pt")["classes"]
+    k = len(classes)
+    cm = np.zeros((k, k), dtype=int)
+    np.add.at(cm, (z["targets"], z["logits"].argmax(1)), 1)
+    report = classification_report(cm.tolist(), classes)["per_class"]
+    md = (run_dir / "README.md").read_text()
+    for c in classes:
+        r = report[c]
+        assert f"| {c} | {r['recall']:.1%} | {r['precision']:.1%} | {r['f1']:.1%} | {r['support']} |" in md, c
+    pairs = most_confused(cm.tolist(), classes)
+    if pairs:  # the tiny run may make no mistake at all
+        actual, predicted, count = pairs[0]
+        share = count / cm[classes.index(actual)].sum()
+        assert "### Most confused pairs" in md and f"| {actual} | {predicted} | {count} | {share:.1%} |" in md
+        assert 'id="most-confused"' in (run_dir / "report.html").read_text()

@@ -97,15 +97,35 @@ def _environment(ckpt: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return sorted(env.items())
 
 
+#: Most confused pairs the report lists under the confusion matrix.
+MOST_CONFUSED_SHOWN = 10
+
+
 def _per_class(metrics: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Accuracy and test-image count per class, and the worst class (NaN, a class with no images, never is)."""
+    """Accuracy (recall), precision, F1 and test-image count per class, and the worst class
+    (NaN, a class with no images, never is)."""
+    from cifarlab.metrics import classification_report
+
     counts = [int(sum(row)) for row in metrics["confusion"]]
+    report = classification_report(metrics["confusion"], list(metrics["per_class"]))["per_class"]
     per_class = [
-        {"name": c, "acc": a, "n": n}
+        {"name": c, "acc": a, "n": n, "precision": report[c]["precision"], "f1": report[c]["f1"]}
         for (c, a), n in zip(metrics["per_class"].items(), counts)
     ]
     worst = min(per_class, key=lambda r: (r["acc"] if not math.isnan(r["acc"]) else 2.0)) if per_class else None
     return per_class, worst
+
+
+def _most_confused(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The most frequent (actual, predicted) mistakes, with each pair's share of the actual class."""
+    from cifarlab.metrics import most_confused
+
+    classes = list(metrics["per_class"])
+    rows = []
+    for actual, predicted, count in most_confused(metrics["confusion"], classes)[:MOST_CONFUSED_SHOWN]:
+        support = sum(metrics["confusion"][classes.index(actual)])
+        rows.append({"actual": actual, "predicted": predicted, "count": count, "share": count / support})
+    return rows
 
 
 def _faithfulness_rows(expl) -> list[dict[str, Any]]:
@@ -181,6 +201,7 @@ def report_context(ckpt: Mapping[str, Any], cfg, dataset, metrics: Mapping[str, 
         "worst_class": worst,
         "classes": expl.classes,
         "confusion": metrics["confusion"],
+        "most_confused": _most_confused(metrics),
         "augment": cfg.augment,
         "layer": expl.layer,
         "galleries": _galleries(expl),
