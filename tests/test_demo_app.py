@@ -77,13 +77,38 @@ def free_port() -> int:
 # ------------------------------------------------------------------ callbacks (no server)
 
 
+def _png_shape(path) -> tuple[int, ...]:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB")).shape
+
+
+def test_image_files_are_written_once_per_content(tmp_path):
+    # Gradio rewrites an array's cache file on every return, racing a browser that is
+    # downloading it; the handlers hand it files written once instead.
+    from cifarlab.demo.handlers import ImageFiles
+
+    files = ImageFiles()
+    a = np.zeros((4, 4, 3), dtype=np.uint8)
+    first = files(a)
+    mtime = os.stat(first).st_mtime_ns
+    assert files(a.copy()) == first and os.stat(first).st_mtime_ns == mtime
+    assert files(a + 1) != first and files(None) is None
+    from PIL import Image
+
+    with Image.open(first) as im:
+        assert np.array_equal(np.asarray(im), a)
+
+
 def test_predict_callback_passes_the_uploaded_file_and_clears_on_no_image():
     from cifarlab.demo.handlers import Handlers
 
     model = StubModel()
     h = Handlers(model)
     scores, overlay = h.predict({"path": "/tmp/up/cat.png", "orig_name": "cat.png"}, 2.0, True, "layer1", 0.25)
-    assert scores == {"cat": 0.6, "dog": 0.3} and overlay.shape == (224, 224, 3)
+    assert scores == {"cat": 0.6, "dog": 0.3} and _png_shape(overlay) == (224, 224, 3)
     # the file itself goes to the model (decoded there as `cifarlab predict` decodes), ints and floats cast
     assert model.calls[-1] == ("predict", "/tmp/up/cat.png", 2, True, "layer1", 0.25, None)
     assert h.predict({"path": "/x.png"}, 3, False, "layer2", 0.5)[1] is None
@@ -115,7 +140,7 @@ def test_class_cam_callback_only_for_a_picked_class():
     assert h.class_cam({"path": "/x.png"}, "dog", False, "layer2", 0.5) is None
     assert not model.calls
     overlay = h.class_cam({"path": "/x.png"}, "dog", True, "layer1", 0.7)
-    assert overlay.shape == (224, 224, 3)
+    assert _png_shape(overlay) == (224, 224, 3)
     assert model.calls == [("predict", "/x.png", 1, True, "layer1", 0.7, "dog")]
 
 
@@ -127,7 +152,7 @@ def test_misclassified_callback_maps_any_to_no_filter():
     items = h.misclassified(4.0, False, ANY, "dog")
     assert len(items) == 4 and all(CAPTION.match(c) for _, c in items)
     assert model.calls[-1] == ("misclassified", 4, False, None, "dog")
-    assert h.misclassified(3, True, "cat", ANY)[0][0].shape == (224, 448, 3)
+    assert _png_shape(h.misclassified(3, True, "cat", ANY)[0][0]) == (224, 448, 3)
     assert h.misclassified(3, False, "frog", ANY) == []  # an empty filter result is a message, not an error
 
 

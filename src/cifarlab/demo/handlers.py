@@ -8,8 +8,13 @@ in the page instead of a traceback.
 
 from __future__ import annotations
 
+import atexit
+import hashlib
 import io
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from cifarlab.errors import CifarlabError
@@ -55,11 +60,44 @@ def upload_path(value: Any) -> Any:
     return value
 
 
+class ImageFiles:
+    """Hands images to Gradio as PNG files written once, named by their content.
+
+    Given an array, Gradio writes it into its cache under a content-hash name every time it
+    is returned, even when that file exists and a browser is downloading it: the download
+    then sees the file change under it ("Too much data for declared Content-Length") and
+    the image never loads (seen when a gallery shows an image again). A file path Gradio
+    copies into its cache only once, so each distinct image is written here once, under a
+    temporary name and renamed into place.
+    """
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="cifarlab-demo-"))
+        atexit.register(shutil.rmtree, self.dir, True)
+
+    def __call__(self, image: "np.ndarray | None") -> str | None:
+        """The path of a PNG holding ``image`` (uint8 (H, W, 3)); None stays None."""
+        if image is None:
+            return None
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        data = buf.getvalue()
+        path = self.dir / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}-{id(data)}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        return str(path)
+
+
 class Handlers:
     """The app's callbacks over one model (DemoModel is thread-safe: Gradio's workers share it)."""
 
-    def __init__(self, model: "DemoModel"):
+    def __init__(self, model: "DemoModel", files: ImageFiles | None = None):
         self.model = model
+        self.files = files if files is not None else ImageFiles()
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         gr = gradio()
@@ -75,7 +113,7 @@ class Handlers:
         scores, overlay, _ = self._call(lambda: self.model.predict(
             upload_path(image), top_k=int(top_k), show_cam=bool(show_cam), layer=layer or None, opacity=float(opacity),
         ))
-        return scores, overlay if show_cam else None
+        return scores, self.files(overlay) if show_cam else None
 
     def class_cam(self, image: Any, cam_class: str | None, show_cam: bool, layer: str | None, opacity: float) -> Any:
         """The CAM overlay for a class the user picked (None when none is picked or CAM is off)."""
@@ -84,10 +122,10 @@ class Handlers:
         _, _, overlay = self._call(lambda: self.model.predict(
             upload_path(image), top_k=1, show_cam=True, layer=layer or None, opacity=float(opacity), cam_class=cam_class,
         ))
-        return overlay
+        return self.files(overlay)
 
-    def misclassified(self, count: float, show_cam: bool, actual: str | None, predicted: str | None) -> list[tuple["np.ndarray", str]]:
-        """API ``misclassified``: [(image, "actual / predicted (p)")], most confident mistakes first."""
+    def misclassified(self, count: float, show_cam: bool, actual: str | None, predicted: str | None) -> list[tuple[str, str]]:
+        """API ``misclassified``: [(PNG path, "actual / predicted (p)")], most confident mistakes first."""
         gr = gradio()
         items = self._call(lambda: self.model.misclassified(
             count=int(count), show_cam=bool(show_cam), actual=None if actual in (None, "", ANY) else actual,
@@ -97,7 +135,7 @@ class Handlers:
             filtered = actual not in (None, "", ANY) or predicted not in (None, "", ANY)
             gr.Info("No misclassified test images match this filter." if filtered
                     else "No misclassified test images: the model got every one right.")
-        return items
+        return [(self.files(image), caption) for image, caption in items]
 
     def figures(self) -> dict[str, Any]:
         """The run's figures as PIL images, keyed like FIGURES (absent ones left out)."""
