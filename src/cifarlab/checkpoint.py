@@ -342,6 +342,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def data_provenance(ckpt: dict[str, Any], data: str | None = None) -> dict[str, Any]:
+    """What a checkpoint's model was trained on, for model cards: ``synthetic``, ``jpeg`` (the
+    JPEG q75 copy of CIFAR-10, recognised by its ``cifar10-jpeg`` folder), ``cifar10`` (either
+    CIFAR-10), ``folder`` (the data folder's name only: the full path is the training
+    machine's business) and ``name`` (the dataset kind). ``data`` overrides the stored root."""
+    ds = ckpt.get("dataset") or {}
+    cfg = ckpt.get("config") or {}
+    synthetic = bool(ds.get("synthetic")) or cfg.get("dataset") == "synthetic"
+    root = None if synthetic else (data or ds.get("root") or cfg.get("data"))
+    jpeg = bool(root) and "cifar10-jpeg" in Path(str(root)).parts
+    name = ds.get("name") or cfg.get("dataset") or "unknown"
+    return {
+        "synthetic": synthetic,
+        "jpeg": jpeg,
+        "cifar10": not synthetic and (jpeg or name == "cifar10"),
+        "folder": Path(str(root)).name if root else "",
+        "name": name,
+    }
+
+
 def describe(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The metadata part of a checkpoint: everything but weights and optimizer state."""
     skip = {"state_dict", "optimizer", "scheduler", "scaler", "rng"}

@@ -75,7 +75,7 @@ def build_context(
 
     dist = dist or distributed.DistInfo()
     runtime = Runtime.resolve(cfg, local_rank=dist.local_rank if dist.enabled else None)
-    AugmentSpec.parse(cfg.augment)  # validate before touching data
+    augment = AugmentSpec.parse(cfg.augment)  # validate before touching data
     resize = ResizeSchedule.parse(cfg.progressive_resize)
     check_model_name(cfg.model, whiten_eps=cfg.whiten_eps)
     if cfg.batch_size % dist.world_size:
@@ -89,27 +89,28 @@ def build_context(
     model = make_model(cfg, num_classes=len(ds.classes))
     init_from_data(model, ds, cfg.seed)
     model = runtime.prepare(model)
-    train_loader, test_loader = make_loaders(cfg, ds, runtime, dist)
+    train_loader, test_loader = make_loaders(cfg, ds, runtime, dist, augment, resize)
     return RunContext(cfg, runtime, ds, model, train_loader, test_loader)
 
 
-def make_loaders(cfg: TrainConfig, ds, runtime: Runtime, dist: distributed.DistInfo):
-    """The training loader (this rank's shard, augmented) and the test loader (this rank's slice)."""
-    from cifarlab.data import AugmentSpec, DeviceLoader, ResizeSchedule, Split
+def make_loaders(cfg: TrainConfig, ds, runtime: Runtime, dist: distributed.DistInfo, augment, resize):
+    """The training loader (this rank's shard, ``augment``ed, sized per the ``resize``
+    schedule) and the test loader (this rank's slice)."""
+    from cifarlab.data import DeviceLoader, Split
 
     common = dict(device=runtime.device, mean=ds.mean, std=ds.std, channels_last=runtime.channels_last)
     train_loader = DeviceLoader(
         ds.train,
         cfg.batch_size // dist.world_size,
         shuffle=True,
-        augment=AugmentSpec.parse(cfg.augment),
+        augment=augment,
         seed=cfg.seed,
         # A last batch of a handful of images gives noisy BatchNorm statistics and a
         # wasted step; drop it when there is more than one batch.
         drop_last=len(ds.train) > cfg.batch_size,
         rank=dist.rank,
         world_size=dist.world_size,
-        epoch_sizes=ResizeSchedule.parse(cfg.progressive_resize).epoch_sizes(cfg.epochs),
+        epoch_sizes=resize.epoch_sizes(cfg.epochs),
         **common,
     )
     test = ds.test

@@ -10,9 +10,9 @@ this machine's paths.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+from cifarlab.checkpoint import data_provenance
 from cifarlab.export.results import Results
 
 #: The Hugging Face Hub's id of CIFAR-10.
@@ -23,16 +23,10 @@ _RECIPE = ("preset", "model", "norm", "epochs", "batch_size", "optimizer", "lr",
 
 
 def data_facts(ckpt: dict[str, Any]) -> dict[str, Any]:
-    """What the model was trained on: synthetic?, CIFAR-10?, the JPEG q75 copy?, in words."""
-    ds = ckpt.get("dataset") or {}
-    cfg = ckpt.get("config") or {}
-    synthetic = bool(ds.get("synthetic")) or cfg.get("dataset") == "synthetic"
-    root = None if synthetic else (ds.get("root") or cfg.get("data"))
-    folder = Path(str(root)).name if root else ""
-    jpeg = bool(root) and "cifar10-jpeg" in Path(str(root)).parts
-    name = ds.get("name") or cfg.get("dataset") or "unknown"
+    """What the model was trained on (:func:`cifarlab.checkpoint.data_provenance`), in words."""
+    facts = data_provenance(ckpt)
+    synthetic, jpeg, folder, name = facts["synthetic"], facts["jpeg"], facts["folder"], facts["name"]
     classes = list(ckpt["classes"])
-    cifar10 = not synthetic and (jpeg or name == "cifar10")
     if synthetic:
         words = ("**Synthetic data.** This model was trained and evaluated on images cifarlab generates "
                  "(oriented gratings), not on photographs: its accuracy says nothing about real images.")
@@ -44,7 +38,7 @@ def data_facts(ckpt: dict[str, Any]) -> dict[str, Any]:
         words = "CIFAR-10 (the official python batches): 50,000 training and 10,000 test images, 32x32."
     else:
         words = f"`{name}` data from the folder `{folder}` ({len(classes)} classes)." if folder else f"`{name}` data."
-    return {"synthetic": synthetic, "jpeg": jpeg, "cifar10": cifar10, "folder": folder, "name": name, "words": words}
+    return {**facts, "words": words}
 
 
 def front_matter(meta: dict[str, Any], facts: dict[str, Any], results: Results) -> str:
