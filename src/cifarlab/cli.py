@@ -296,21 +296,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (exposed for tests and docs)."""
+    from cifarlab import __version__
+    from cifarlab.export.command import add_export_parser
     from cifarlab.models import list_models
 
     models = list_models()
     parser = _Parser(prog="cifarlab", description="Train and inspect small-image classifiers.")
-    from cifarlab import __version__
-
     parser.add_argument("--version", action="version", version=f"cifarlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train_parser(sub, models)
+    _add_evaluate_parser(sub)
+    _add_summary_parser(sub, models)
+    _add_lr_find_parser(sub, models)
+    _add_explain_parser(sub)
+    _add_predict_parser(sub)
+    _add_report_parser(sub)
+    _add_demo_parser(sub)
+    add_export_parser(sub, _Parser)
+    return parser
 
+
+def _add_train_parser(sub: Any, models: Sequence[str]) -> None:
+    """The ``train`` subcommand's arguments."""
     p = sub.add_parser("train", help="train a model; writes a run directory")
     _add_train_flags(p, models)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
     p.add_argument("--no-report", action="store_true", help="skip report.html/README.md at the end")
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_parser(sub: Any) -> None:
+    """The ``evaluate`` subcommand's arguments."""
     p = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a checkpoint")
     _add_checkpoint_data_flags(p, subset="evaluate on a class-balanced subset")
     p.add_argument("--device", help="auto | cpu | cuda")
@@ -318,12 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_summary_parser(sub: Any, models: Sequence[str]) -> None:
+    """The ``summary`` subcommand's arguments."""
     p = sub.add_parser("summary", help="layer table, parameter count and MACs of a model")
     p.add_argument("--model", required=True, choices=models)
     p.add_argument("--norm", default="batch", choices=NORMS)
     p.add_argument("--num-classes", type=int, default=10)
     p.set_defaults(func=cmd_summary)
 
+
+def _add_lr_find_parser(sub: Any, models: Sequence[str]) -> None:
+    """The ``lr-find`` subcommand's arguments."""
     p = sub.add_parser("lr-find", help="LR range test: suggested LR and its One-Cycle bounds (plot + JSON in --out)")
     _add_train_flags(p, models)
     p.add_argument("--start", type=float, default=1e-7, help="first LR of the sweep (default 1e-7)")
@@ -331,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=100, help="training steps in the sweep (default 100)")
     p.set_defaults(func=cmd_lr_find)
 
+
+def _add_explain_parser(sub: Any) -> None:
+    """The ``explain`` subcommand's arguments."""
     p = sub.add_parser("explain", help="Grad-CAM galleries of misclassified and correct test images")
     _add_checkpoint_data_flags(p, subset="explain on a class-balanced test subset")
     p.add_argument("--misclassified", type=int, default=20, metavar="N", help="most confidently misclassified images (20)")
@@ -340,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_explain)
 
+
+def _add_predict_parser(sub: Any) -> None:
+    """The ``predict`` subcommand's arguments."""
     p = sub.add_parser("predict", help="top-3 classes of image files, optionally with Grad-CAM")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size and mode)")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="a .pt checkpoint or model.safetensors")
@@ -351,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per image")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_report_parser(sub: Any) -> None:
+    """The ``report`` subcommand's arguments."""
     p = sub.add_parser("report", help="write RUN_DIR/report.html and README.md, or compare runs")
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a finished run directory")
     p.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare these runs on one HTML page")
@@ -361,12 +392,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="the run's dataset, if it moved since training (default: its config's path)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_report)
-
-    _add_demo_parser(sub)
-    from cifarlab.export.command import add_export_parser
-
-    add_export_parser(sub, _Parser)
-    return parser
 
 
 def _add_demo_parser(sub: Any) -> None:
