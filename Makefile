@@ -20,7 +20,7 @@ $(BIN)/cifarlab: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH) 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	$(BIN)/python -c "import torch, torchvision" # fail here, not later, if the pair is missing
-	$(BIN)/python -m pip install -q -e '.[dev,demo,export]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
+	$(BIN)/python -m pip install -q -e '.[dev,demo,export,tensorboard]' 2>&1 | { grep -v "is ignored: it is neither" || true; }
 	test -x $@ && touch $@
 
 venv: $(BIN)/cifarlab

@@ -5,7 +5,7 @@ cache), reusing the final test predictions stored by training (``predictions.npz
 Grad-CAM of the 20 most confidently misclassified + 10 correct test images (predicted
 and actual class), the faithfulness check, every plot, the model summary, and writing
 report.html, README.md, report_files/ and explain/. The first call also pays the
-imports (matplotlib, captum, jinja2); later calls show the steady state.
+imports (matplotlib, pytorch-grad-cam, jinja2); later calls show the steady state.
 
     python benchmarks/report_time.py runs/fast-20261122-101500 [--repeat 3]
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             run_dir, device=args.device, n_misclassified=args.misclassified, n_correct=args.correct
         )
         total = time.perf_counter() - start
-        # The first build includes the report's own imports (matplotlib, captum, jinja2).
+        # The first build includes the report's own imports (matplotlib, pytorch-grad-cam, jinja2).
         runs.append({"seconds": round(total, 3), "stages": paths.timings})
         print(f"build {i + 1}: {total:6.2f} s  " + "  ".join(f"{k} {v:.2f}" for k, v in paths.timings.items()), file=sys.stderr)
     result = {

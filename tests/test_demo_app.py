@@ -45,18 +45,21 @@ class StubModel:
 
     def __init__(self):
         self.calls: list[tuple] = []
+        self.cams: list[str] = []  # the CAM method of each call
         self.examples = [(np.full((32, 32, 3), 40 * i, np.uint8), c) for i, c in enumerate(self.classes)]
 
-    def predict(self, image, top_k=3, show_cam=True, layer=None, opacity=0.5, cam_class=None):
+    def predict(self, image, top_k=3, show_cam=True, layer=None, opacity=0.5, cam_class=None, cam="gradcam"):
         self.calls.append(("predict", image, top_k, show_cam, layer, opacity, cam_class))
+        self.cams.append(cam)
         if layer not in (None, *self.layers):
             raise CifarlabError(f"unknown layer {layer!r}")
         scores = dict(list({"cat": 0.6, "dog": 0.3, "ship": 0.07, "frog": 0.03}.items())[:top_k])
         overlay = np.zeros((224, 224, 3), np.uint8) if show_cam else None
         return scores, overlay, (np.ones((224, 224, 3), np.uint8) if cam_class else None)
 
-    def misclassified(self, count=10, show_cam=False, actual=None, predicted=None, layer=None, opacity=0.5):
+    def misclassified(self, count=10, show_cam=False, actual=None, predicted=None, layer=None, opacity=0.5, cam="gradcam"):
         self.calls.append(("misclassified", count, show_cam, actual, predicted))
+        self.cams.append(cam)
         if actual == "frog":
             return []
         width = 448 if show_cam else 224
@@ -142,6 +145,10 @@ def test_class_cam_callback_only_for_a_picked_class():
     overlay = h.class_cam({"path": "/x.png"}, "dog", True, "layer1", 0.7)
     assert _png_shape(overlay) == (224, 224, 3)
     assert model.calls == [("predict", "/x.png", 1, True, "layer1", 0.7, "dog")]
+    h.class_cam({"path": "/x.png"}, "dog", True, "layer1", 0.7, "layercam")
+    h.predict({"path": "/x.png"}, 1, True, "layer1", 0.7, "eigencam")
+    h.misclassified(2, True, "cat", "any", "scorecam")
+    assert model.cams == ["gradcam", "layercam", "eigencam", "scorecam"]  # the method reaches the model; default Grad-CAM
 
 
 def test_misclassified_callback_maps_any_to_no_filter():
@@ -192,12 +199,12 @@ def test_page_wiring():
     by_name = {fn.api_name: fn for fn in app.fns.values()}
     labels = {b._id: getattr(b, "label", None) for b in app.blocks.values()}
     assert [labels[c._id] for c in by_name["predict"].inputs] == [
-        "Image (any size and format)", "Top-k classes", "Grad-CAM",
-        "Layer to explain", "Overlay opacity",
+        "Image (any size and format)", "Top-k classes", "CAM",
+        "Layer to explain", "Overlay opacity", "CAM method",
     ]
     assert [type(c).__name__ for c in by_name["predict"].outputs] == ["Label", "Image"]
     assert [labels[c._id] for c in by_name["misclassified"].inputs] == [
-        "How many", "Grad-CAM (predicted | actual class)", "Actual class", "Predicted class",
+        "How many", "CAM (predicted | actual class)", "Actual class", "Predicted class", "CAM method",
     ]
     assert [type(c).__name__ for c in by_name["misclassified"].outputs] == ["Gallery"]
     tabs = [b.label for b in app.blocks.values() if type(b).__name__ == "Tab"]

@@ -296,6 +296,27 @@ def test_misclassified_with_cam_shows_both_classes_side_by_side(demo):
         assert np.array_equal(img[:, :224], pic) and np.array_equal(img[:, 224:], pic)
 
 
+def test_cam_method_changes_the_maps_not_the_answers(demo):
+    from cifarlab.config import CAM_METHODS
+
+    img = demo.examples[0][0]
+    scores, grad, _ = demo.predict(img)  # the default: Grad-CAM
+    assert demo.predict(img, cam="gradcam")[1].tobytes() == grad.tobytes()
+    for method in CAM_METHODS[1:]:
+        other_scores, other, _ = demo.predict(img, cam=method, opacity=1.0)
+        assert other_scores == scores and other.shape == grad.shape
+    assert not np.array_equal(demo.predict(img, cam="layercam", opacity=1.0)[1], demo.predict(img, opacity=1.0)[1])
+    # the misclassified pool's maps are cached per layer and method
+    default = demo.misclassified(2, show_cam=True, opacity=1.0)
+    eigen = demo.misclassified(2, show_cam=True, opacity=1.0, cam="eigencam")
+    assert [c for _, c in default] == [c for _, c in eigen]
+    assert any(not np.array_equal(a, b) for (a, _), (b, _) in zip(default, eigen))
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(eigen, demo.misclassified(2, show_cam=True, opacity=1.0, cam="eigencam")))
+    with pytest.raises(CifarlabError) as e:
+        demo.predict(img, cam="gradcam+")
+    _one_line_error(e, "gradcam+", "layercam")
+
+
 def test_figures_are_pngs(demo):
     figs = demo.figures()
     assert set(figs) == {"curves", "per_class", "confusion"}

@@ -87,6 +87,26 @@ def test_cli_explain_writes_cam_overlays(checkpoint, tmp_path, capsys):
     assert (out / "wide_200x77.cam.png").is_file()
 
 
+def test_explain_with_another_cam_method(checkpoint, tmp_path, capsys):
+    from cifarlab.cli import main
+    from cifarlab.predict import predict_files
+
+    src = _odd_images(tmp_path / "img")["wide_200x77.png"]
+    default, = predict_files([src], checkpoint, device="cpu", explain=True, out=tmp_path / "a")
+    other, = predict_files([src], checkpoint, device="cpu", explain=True, out=tmp_path / "b", cam="gradcam++")
+    assert default.extra["method"] == "gradcam" and other.extra["method"] == "gradcam++"
+    assert default.top == other.top  # the method changes the picture, not the prediction
+    with Image.open(default.cam_path) as a, Image.open(other.cam_path) as b:
+        assert a.size == b.size and not np.array_equal(np.asarray(a), np.asarray(b))
+    out = tmp_path / "c"
+    assert main(["predict", str(src), "--checkpoint", str(checkpoint), "--explain", "--cam", "eigencam", "--out", str(out)]) == 0
+    assert (out / "wide_200x77.cam.png").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["predict", str(src), "--checkpoint", str(checkpoint), "--explain", "--cam", "gradcam+"])
+    assert "invalid choice: 'gradcam+'" in capsys.readouterr().err
+
+
 def test_unreadable_or_missing_files_are_one_line_errors(checkpoint, tmp_path, capsys):
     from cifarlab.cli import main
 

@@ -84,12 +84,14 @@ def test_report_command_rebuilds_from_the_run_dir(run_dir, tmp_path, capsys):
     for name in ("report.html", "README.md"):
         (copy / name).unlink()
     shutil.rmtree(copy / "report_files")
-    assert main(["report", str(copy), "--device", "cpu", "--misclassified", "4", "--correct", "2"]) == 0
+    assert main(["report", str(copy), "--device", "cpu", "--misclassified", "4", "--correct", "2", "--top-losses", "3"]) == 0
     assert "report written to" in capsys.readouterr().out
     html = (copy / "report.html").read_text()
     assert all(f'id="{sid}"' in html for sid, _ in SECTIONS)
     assert (copy / "README.md").is_file() and (copy / "report_files" / "lr_find.png").is_file()
-    assert len(json.loads((copy / "explain" / "explain.json").read_text())["correct"]) == 2
+    info = json.loads((copy / "explain" / "explain.json").read_text())
+    assert len(info["correct"]) == 2 and len(info["top_losses"]) == 3
+    assert (copy / "explain" / "top_losses.png").is_file() and (copy / "report_files" / "top_losses.png").is_file()
 
 
 def test_compare_puts_runs_on_one_page(run_dir, tmp_path, capsys):
@@ -192,3 +194,66 @@ def test_per_class_precision_f1_and_most_confused_pairs_match_the_predictions(ru
         share = count / cm[classes.index(actual)].sum()
         assert "### Most confused pairs" in md and f"| {actual} | {predicted} | {count} | {share:.1%} |" in md
         assert 'id="most-confused"' in (run_dir / "report.html").read_text()
+
+
+def test_top_losses_section_lists_the_highest_losses(run_dir):
+    import numpy as np
+    import torch
+
+    z = np.load(run_dir / "predictions.npz")
+    losses = torch.nn.functional.cross_entropy(torch.from_numpy(z["logits"]), torch.from_numpy(z["targets"]), reduction="none")
+    top = json.loads((run_dir / "explain" / "explain.json").read_text())["top_losses"]
+    assert len(top) == 10  # the default of the report at the end of training
+    assert [r["index"] for r in top] == torch.sort(losses, descending=True, stable=True).indices[:10].tolist()
+    html = (run_dir / "report.html").read_text()
+    section = html.split('id="top-losses"')[1].split("<h2")[0]
+    assert "p(actual)" in section and 'src="data:image/png;base64,' in section
+    for r in top:
+        assert f'<td class="num">{r["index"]}</td>' in section and f"{r['loss']:.3f}" in section
+    md = (run_dir / "README.md").read_text()
+    assert "(report_files/top_losses.png)" in md.split("## Top losses")[1].split("## ")[0]
+
+
+def test_each_most_confused_pair_links_to_its_images(run_dir):
+    from cifarlab.report.pairs import PAIR_IMAGES
+
+    html = (run_dir / "report.html").read_text()
+    md = (run_dir / "README.md").read_text()
+    if "### Most confused pairs" not in md:
+        pytest.skip("the tiny run made no mistake")
+    table = md.split("### Most confused pairs")[1].split("## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| class")]
+    assert rows
+    for row in rows:
+        actual, predicted, count = (cell.strip() for cell in row.strip("|").split("|")[:3])
+        link = re.search(r"\[(?:all )?(\d+)(?: most confident)?\]\((report_files/(confused-[^)]+)\.png)\)", row)
+        assert link, row
+        assert int(link.group(1)) == min(int(count), PAIR_IMAGES)
+        assert (run_dir / link.group(2)).read_bytes()[:4] == b"\x89PNG"
+        name = link.group(3)
+        assert f"-{actual}-{predicted}" in name
+        # HTML: the row's in-page link, and the anchor holding that pair's embedded strip
+        assert f'<a href="#{name}">' in html
+        assert re.search(rf'<div id="{re.escape(name)}"><img src="data:image/png;base64,', html)
+
+
+def test_report_cam_method_from_the_config_or_the_flag(run_dir, tmp_path, capsys):
+    from cifarlab.checkpoint import read_checkpoint, save_checkpoint
+    from cifarlab.cli import main
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert json.loads((copy / "explain" / "explain.json").read_text())["method"] == "gradcam"  # the default
+    ckpt_path = copy / "checkpoints" / "last.pt"
+    ckpt = read_checkpoint(ckpt_path)
+    ckpt["config"]["cam"] = "eigencam"  # as `train --cam eigencam` stores it
+    save_checkpoint(ckpt_path, ckpt)
+    small = ["--device", "cpu", "--misclassified", "2", "--correct", "1", "--top-losses", "0"]
+    assert main(["report", str(copy), *small]) == 0
+    assert json.loads((copy / "explain" / "explain.json").read_text())["method"] == "eigencam"
+    html = (copy / "report.html").read_text()
+    assert "Misclassified test images with EigenCAM" in html and "EigenCAM faithfulness" in html
+    assert main(["report", str(copy), "--cam", "gradcam++", *small]) == 0  # the flag wins
+    assert json.loads((copy / "explain" / "explain.json").read_text())["method"] == "gradcam++"
+    assert "## Grad-CAM++ faithfulness" in (copy / "README.md").read_text()
+    capsys.readouterr()

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any, Callable, Sequence
 
-from cifarlab.config import NORMS
+from cifarlab.config import CAM_METHODS, NORMS
 from cifarlab.errors import CifarlabError, TrainingInterrupted, TrainingStopped
 from cifarlab.hostmem import keep_freed_memory
 
@@ -65,6 +65,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable | None, str]] = [
     ("--device", "device", str, "auto | cpu | cuda"),
     ("--precision", "precision", str, "auto | fp32 | bf16 | fp16 (auto: bf16 where it is fast)"),
     ("--tta", "tta", str, "test-time augmentation: none | flip | flip-translate"),
+    ("--cam", "cam", str, "CAM method of the report's galleries: " + " | ".join(CAM_METHODS)),
     ("--seed", "seed", int, "random seed"),
     ("--out", "out", str, "run directory (default runs/<preset>-<timestamp>)"),
     ("--save-every-steps", "save_every_steps", int, "also save checkpoints/last.pt every N steps mid-epoch (0: epoch ends only)"),
@@ -90,6 +91,7 @@ _SWITCHES: list[tuple[str, str, str]] = [
     ("--compile", "compile", "torch.compile the training step (measure first: it can be slower on CPU)"),
     ("--lookahead", "lookahead", "lookahead of the weights every 5 steps, ending on the slow weights (airbench94)"),
     ("--skip-bad", "skip_bad", "image folders: train without unreadable files (refused if more than 1%% are bad)"),
+    ("--tensorboard", "tensorboard", "also log to TensorBoard in <out>/tb/ (view: tensorboard --logdir runs)"),
 ]
 # Flags that set a boolean config key to false.
 _OFF_SWITCHES: list[tuple[str, str, str]] = [
@@ -116,8 +118,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from cifarlab import distributed
     from cifarlab.config import resolve_config
     from cifarlab.report.build import report_on_finish
+    from cifarlab.seeds import parse_seeds, train_seeds
     from cifarlab.train import fit
 
+    seeds = parse_seeds(args.seeds, seed_flag=args.seed) if args.seeds is not None else None
     preset = args.preset
     if preset is None and args.config is None:
         preset = _default_preset()  # with --resume it only names runs/<preset>-* to search
@@ -125,8 +129,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     # passed on, and fit() checks which of them may change.
     overrides = _overrides(args)
     cfg = resolve_config(preset=preset, config_file=args.config, overrides=overrides)
+    how = dict(resume=args.resume, resume_overrides=overrides if args.resume else None, on_finish=report_on_finish(write_report=not args.no_report))
     try:
-        fit(cfg, resume=args.resume, resume_overrides=overrides if args.resume else None, on_finish=report_on_finish(write_report=not args.no_report))
+        if seeds is None:
+            fit(cfg, **how)
+        else:
+            train_seeds(cfg, seeds, **how)
     except (TrainingInterrupted, TrainingStopped):
         # The ranks stopped at the same step by agreement, and rank 0 may still be
         # writing: leave together, as fit() does at its end (a rank that tore its gloo
@@ -157,7 +165,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         }.items()
         if v is not None
     }
-    metrics = evaluate_checkpoint(args.checkpoint, overrides)
+    if args.min_count < 1:
+        raise CifarlabError("--min-count must be >= 1")
+    metrics = evaluate_checkpoint(args.checkpoint, overrides, min_count=args.min_count)
     if args.json:
         keys = ("accuracy", "per_class", "confusion", "confusion_normalized", "report", "most_confused", "n", "dataset")
         print(json.dumps({k: metrics[k] for k in keys}))
@@ -211,27 +221,55 @@ def _explain_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from cifarlab.explain.cams import cam_title
     from cifarlab.explain.galleries import default_explain_dir, explain_checkpoint, write_explanation
 
-    if args.misclassified < 0 or args.correct < 0:
-        raise CifarlabError("--misclassified and --correct must be >= 0")
+    if args.compare_cams:
+        return _explain_compare_cams(args)
+    if args.misclassified < 0 or args.correct < 0 or args.top_losses < 0:
+        raise CifarlabError("--misclassified, --correct and --top-losses must be >= 0")
     expl = explain_checkpoint(
         args.checkpoint,
         _explain_overrides(args),
         n_misclassified=args.misclassified,
         n_correct=args.correct,
         layer=args.layer,
+        n_top_losses=args.top_losses,
+        cam=args.cam or "gradcam",
     )
     out = args.out or default_explain_dir(args.checkpoint)
     paths = write_explanation(expl, out)
-    print(f"Grad-CAM layer {expl.layer}; test accuracy {expl.accuracy:.2%} on {expl.n_test} images")
+    print(f"{cam_title(expl.method)} ({expl.method}) layer {expl.layer}; test accuracy {expl.accuracy:.2%} on {expl.n_test} images")
     for g in expl.galleries():
         f = g.faithfulness
+        losses = g.selection.losses
+        span = f" (loss {float(losses[0]):.3f} down to {float(losses[-1]):.3f})" if g.kind == "top_losses" and len(losses) else ""
         print(
-            f"{g.kind}: {len(g.selection)} images; masking the top {f.fraction:.0%} CAM pixels drops "
+            f"{g.kind}: {len(g.selection)} images{span}; masking the top {f.fraction:.0%} CAM pixels drops "
             f"p(predicted) by {f.cam_drop:.3f} vs {f.random_drop:.3f} for random blobs"
         )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _explain_compare_cams(args: argparse.Namespace) -> int:
+    """``explain --compare-cams``: every CAM method on the gallery images, one table, compare_cams.json."""
+    from cifarlab.explain.compare import compare_checkpoint, write_comparison
+    from cifarlab.explain.galleries import default_explain_dir
+
+    if args.cam:
+        raise CifarlabError("--compare-cams compares every CAM method; leave out --cam")
+    if args.misclassified < 0 or args.correct < 0:
+        raise CifarlabError("--misclassified and --correct must be >= 0")
+    comparison = compare_checkpoint(
+        args.checkpoint,
+        _explain_overrides(args),
+        n_misclassified=args.misclassified,
+        n_correct=args.correct,
+        layer=args.layer,
+    )
+    print(comparison.table())
+    print(f"wrote {write_comparison(comparison, args.out or default_explain_dir(args.checkpoint))}")
     return 0
 
 
@@ -239,7 +277,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cifarlab.predict import predict_files
 
     preds = predict_files(
-        args.images, args.checkpoint, device=args.device, topk=args.top, explain=args.explain, out=args.out, layer=args.layer
+        args.images, args.checkpoint, device=args.device, topk=args.top, explain=args.explain, out=args.out, layer=args.layer,
+        cam=args.cam,
     )
     for p in preds:
         if args.json:
@@ -263,13 +302,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise CifarlabError("give a run directory (cifarlab report RUN_DIR) or --compare RUN_DIR RUN_DIR...")
     from cifarlab.report.build import build_report
 
+    if args.misclassified < 0 or args.correct < 0 or args.top_losses < 0:
+        raise CifarlabError("--misclassified, --correct and --top-losses must be >= 0")
     build_report(
         args.run_dir,
         device=args.device,
         data=args.data,
         n_misclassified=args.misclassified,
         n_correct=args.correct,
+        n_top_losses=args.top_losses,
         layer=args.layer,
+        cam=args.cam,
         log=print,
     )
     return 0
@@ -322,6 +365,7 @@ def _add_train_parser(sub: Any, models: Sequence[str]) -> None:
     _add_train_flags(p, models)
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoints/last.pt")
     p.add_argument("--no-report", action="store_true", help="skip report.html/README.md at the end")
+    p.add_argument("--seeds", metavar="LIST", help="train once per seed (e.g. 0,1,2) into <out>/seed-K/, then <out>/summary.json and compare.html")
     p.set_defaults(func=cmd_train)
 
 
@@ -331,6 +375,7 @@ def _add_evaluate_parser(sub: Any) -> None:
     _add_checkpoint_data_flags(p, subset="evaluate on a class-balanced subset")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--tta", help="none | flip | flip-translate (default: as trained)")
+    p.add_argument("--min-count", type=int, default=1, metavar="N", help="list confused pairs seen at least N times (1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_evaluate)
 
@@ -356,11 +401,16 @@ def _add_lr_find_parser(sub: Any, models: Sequence[str]) -> None:
 
 def _add_explain_parser(sub: Any) -> None:
     """The ``explain`` subcommand's arguments."""
-    p = sub.add_parser("explain", help="Grad-CAM galleries of misclassified and correct test images")
+    p = sub.add_parser("explain", help="Grad-CAM galleries of misclassified, correct and top-loss test images")
     _add_checkpoint_data_flags(p, subset="explain on a class-balanced test subset")
     p.add_argument("--misclassified", type=int, default=20, metavar="N", help="most confidently misclassified images (20)")
     p.add_argument("--correct", type=int, default=10, metavar="N", help="most confident correct images (10)")
-    p.add_argument("--layer", help="Grad-CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--top-losses", type=int, default=10, metavar="N", help="test images with the highest loss (10; 0: none)")
+    p.add_argument("--layer", help="CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--cam", choices=CAM_METHODS, help="CAM method (default gradcam)")
+    p.add_argument("--compare-cams", action="store_true",
+                   help="instead of the galleries: every CAM method on their images, one table of faithfulness "
+                   "(deletion check, ROAD) and seconds; writes compare_cams.json in --out")
     p.add_argument("--out", help="output folder (default RUN_DIR/explain)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_explain)
@@ -373,7 +423,8 @@ def _add_predict_parser(sub: Any) -> None:
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="a .pt checkpoint or model.safetensors")
     p.add_argument("--explain", action="store_true", help="write <image stem>.cam.png next to each image")
     p.add_argument("--out", help="folder for the .cam.png files (default: next to each image)")
-    p.add_argument("--layer", help="Grad-CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--layer", help="CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--cam", choices=CAM_METHODS, default="gradcam", help="CAM method (default gradcam)")
     p.add_argument("--top", type=int, default=3, help="how many classes to print (3)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--json", action="store_true", help="one JSON object per image")
@@ -388,7 +439,9 @@ def _add_report_parser(sub: Any) -> None:
     p.add_argument("--out", help="--compare: output HTML file (default runs/compare-<time>.html)")
     p.add_argument("--misclassified", type=int, default=20, metavar="N", help="misclassified images to explain (20)")
     p.add_argument("--correct", type=int, default=10, metavar="N", help="correct images to explain (10)")
-    p.add_argument("--layer", help="Grad-CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--top-losses", type=int, default=10, metavar="N", help="test images with the highest loss (10; 0: none)")
+    p.add_argument("--layer", help="CAM layer name (default: the model's cam_layer)")
+    p.add_argument("--cam", choices=CAM_METHODS, help="CAM method (default: the run's config key cam, gradcam)")
     p.add_argument("--data", metavar="DIR", help="the run's dataset, if it moved since training (default: its config's path)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.set_defaults(func=cmd_report)

@@ -30,6 +30,8 @@ TTA_MODES = ("none", "flip", "flip-translate")
 ANNEALS = ("cos", "linear")
 CHANNELS_LAST = ("auto", "on", "off")
 GEMM_CONVS = ("auto", "on", "off")
+# CAM methods of the explanations (pytorch-grad-cam names, see explain/cams.py); the first is the default.
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "scorecam")
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class TrainConfig:
     # Evaluate after every N-th epoch and always after the last; 0 = after the last only.
     # A 10k-image pass costs about 6% of a fast-net epoch on a CPU: time-budgeted runs skip it.
     eval_every: int = 1
+    # CAM method of the report's galleries (one of CAM_METHODS); `cifarlab report --cam` overrides it.
+    cam: str = "gradcam"
     # --- system
     device: str = "auto"
     precision: str = "auto"  # auto = bf16 where the hardware runs it fast, else fp32
@@ -106,6 +110,8 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None  # run directory; default runs/<preset or model>-<timestamp>
     log_every: int = 20  # steps between host syncs for the progress bar
+    # Also log to TensorBoard in <out>/tb/ (cifarlab/tblog.py; needs the tensorboard extra).
+    tensorboard: bool = False
     # --- robustness
     save_every_steps: int = 0  # also checkpoint every N steps mid-epoch; 0 = epoch ends only
     stop_on_stall: bool = True  # stop (else only warn) when training is stuck at chance
@@ -128,6 +134,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "anneal": ANNEALS,
     "channels_last": CHANNELS_LAST,
     "gemm_convs": GEMM_CONVS,
+    "cam": CAM_METHODS,
 }
 
 # (low, high, low_inclusive) bounds for numeric fields; high None = unbounded.

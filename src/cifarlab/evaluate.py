@@ -86,15 +86,18 @@ def metrics_from_logits(logits: torch.Tensor, targets: torch.Tensor, classes: li
     }
 
 
-def evaluate_checkpoint(checkpoint: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint on its test split; returns the metrics dict plus n and dataset."""
+def evaluate_checkpoint(checkpoint: str, overrides: dict[str, Any] | None = None, min_count: int = 1) -> dict[str, Any]:
+    """Evaluate a checkpoint on its test split; returns the metrics dict plus n and dataset.
+
+    ``most_confused`` lists the pairs confused at least ``min_count`` times.
+    """
     run = load_for_inference(checkpoint, overrides)
     res = predict_split(run)
     classes = list(run.info["classes"])
     out = metrics_from_logits(res.logits, res.targets, classes)
     out["report"] = classification_report(out["confusion"], classes)
     out["confusion_normalized"] = normalise_rows(out["confusion"])
-    out["most_confused"] = [list(t) for t in most_confused(out["confusion"], classes)]
+    out["most_confused"] = [list(t) for t in most_confused(out["confusion"], classes, min_count)]
     out["n"] = res.n
     out["loss"] = res.loss
     out["dataset"] = "synthetic" if run.dataset.synthetic else run.dataset.name

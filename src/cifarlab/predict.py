@@ -38,9 +38,10 @@ def predict_files(
     explain: bool = False,
     out: str | Path | None = None,
     layer: str | None = None,
+    cam: str = "gradcam",
 ) -> list[Prediction]:
     """Top-``topk`` predictions for each image file; with ``explain``, write ``<stem>.cam.png``
-    next to each image (or into ``out``)."""
+    (CAM method ``cam``, see ``config.CAM_METHODS``) next to each image (or into ``out``)."""
     from cifarlab.data import DeviceLoader, Split
     from cifarlab.data.sources import decode_images
     from cifarlab.engine import run_epoch
@@ -54,9 +55,13 @@ def predict_files(
     for p in names:
         if not Path(p).is_file():
             raise CifarlabError(f"image not found: {p}")
+    if explain:
+        from cifarlab.explain.cams import check_method
+
+        check_method(cam)
     run = load_for_inference(str(checkpoint), {"device": device} if device else None, load_data=False)
     if explain:
-        from cifarlab.explain.gradcam import resolve_layer
+        from cifarlab.explain.layers import resolve_layer
 
         resolve_layer(run.model, layer)  # a bad --layer fails before any work
     images, bad = decode_images(names)
@@ -85,16 +90,16 @@ def predict_files(
         for n, p in enumerate(names)
     ]
     if explain:
-        _write_cams(run, loader, preds, top_i[:, 0], out, layer, mean, std)
+        _write_cams(run, loader, preds, top_i[:, 0], out, layer, cam, mean, std)
     return preds
 
 
-def _write_cams(run, loader, preds: list[Prediction], targets: torch.Tensor, out, layer, mean, std) -> None:
-    from cifarlab.explain.gradcam import grad_cam
+def _write_cams(run, loader, preds: list[Prediction], targets: torch.Tensor, out, layer, cam, mean, std) -> None:
+    from cifarlab.explain.cams import cam_maps, cam_title
     from cifarlab.explain.overlay import denormalise, prediction_figure, save_png
 
     x = torch.cat([xb for xb, _ in loader])
-    cams, name = grad_cam(run.model, x, targets, layer)
+    cams, name = cam_maps(run.model, x, targets, layer, cam)
     pictures = denormalise(x, mean, std)
     used: set[Path] = set()
     for n, pred in enumerate(preds):
@@ -107,6 +112,7 @@ def _write_cams(run, loader, preds: list[Prediction], targets: torch.Tensor, out
             dest = dest_dir / f"{src.stem}-{k}.cam.png"
         used.add(dest)
         lines = [f"{c} {p:.1%}" for c, p in pred.top]
-        fig = prediction_figure(pictures[n], cams[n].numpy(), lines, f"{src.name} (layer {name})")
+        fig = prediction_figure(pictures[n], cams[n].numpy(), lines, f"{src.name} ({cam_title(cam)}, layer {name})", cam_title(cam))
         pred.cam_path = str(save_png(fig, dest))
         pred.extra["layer"] = name
+        pred.extra["method"] = cam

@@ -12,11 +12,11 @@ from cifarlab.config import TrainConfig, config_from_dict
 from cifarlab.errors import CifarlabError
 from cifarlab.rundir import RunDir, default_run_dir, latest_run_dir
 
-#: Keys that --resume may change: how long, where and how verbosely the run continues,
-#: and its robustness knobs. Anything else would silently make it a different run.
-#: ("data": the same dataset may live at another path on another machine; the classes
-#: are checked against the checkpoint's.)
-RESUMABLE_KEYS = frozenset({"epochs", "device", "log_every", "save_every_steps", "stop_on_stall", "compile", "data"})
+#: Keys that --resume may change: how long, where and how verbosely the run continues
+#: (tensorboard included), its robustness knobs, and the report's CAM method (cam). Anything else would silently make it
+#: a different run. ("data": the same dataset may live at another path on another
+#: machine; the classes are checked against the checkpoint's.)
+RESUMABLE_KEYS = frozenset({"epochs", "device", "log_every", "save_every_steps", "stop_on_stall", "compile", "data", "tensorboard", "cam"})
 
 
 def open_run(

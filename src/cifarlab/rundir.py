@@ -9,6 +9,7 @@ Layout::
     checkpoints/best.pt   best test accuracy so far
     model.safetensors     final weights, safe to share
     skipped_files.txt     with --skip-bad: the unreadable files left out
+    tb/                   with --tensorboard: TensorBoard event files (cifarlab.tblog)
 """
 
 from __future__ import annotations

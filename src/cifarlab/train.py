@@ -29,6 +29,7 @@ from cifarlab.progress import Progress, progress_mode
 from cifarlab.resume import check_resume, open_run
 from cifarlab.rundir import RunDir, RunLog, resume_command
 from cifarlab.runtime import resolve_device
+from cifarlab.tblog import TensorBoardLog, require as require_tensorboard
 from cifarlab.trainhooks import Interrupt, Saver, StepHook
 
 
@@ -85,6 +86,7 @@ def fit(
     """
     launched = time.perf_counter()
     run_dir, cfg, ckpt = open_run(cfg, resume, resume_overrides)
+    require_tensorboard(cfg)  # a missing package fails here, before any data is read
     # Under torchrun every process runs this function; without it this is a no-op.
     dist = distributed.setup(resolve_device(cfg.device).type)
     run = TrainingRun(cfg, run_dir, dist, mode=progress_mode(progress), stream=stream, launched=launched, ckpt=ckpt)
@@ -122,6 +124,7 @@ class TrainingRun:
         self.log = RunLog(run_dir.log, stream, quiet=not self.main)
         self.env = self.ctx.runtime.environment()
         self._announce()
+        self.tb = TensorBoardLog.for_run(cfg, run_dir.root, self.ds, main=self.main, resuming=ckpt is not None)
         self.steps_per_epoch = len(self.ctx.train_loader)
         if self.steps_per_epoch == 0:
             raise CifarlabError("no training batches: the training split is empty")
@@ -306,6 +309,7 @@ class TrainingRun:
             step=(epoch + 1) * self.steps_per_epoch,
             lr=row["lr"],
         )
+        self.tb.epoch(row, totals.lrs, first_step=epoch * self.steps_per_epoch)  # after the save: what the checkpoint holds
         self._check_stop(epoch, row, signals)
 
     def _step_hook(self, epoch: int, signals: StopSignals, prior: PartialEpoch | None) -> StepHook:
@@ -458,6 +462,7 @@ class TrainingRun:
                 + (" (SYNTHETIC data)" if ds.synthetic else "")
             )
         self.log(f"run saved to {self.run_dir.root}")
+        self.tb.close()
         if self.main and on_finish is not None:
             on_finish(FinishedRun(self.run_dir.root, self.model, ds, self.final_eval, self.cfg.epochs, self.log))
 

@@ -1,10 +1,10 @@
 """The ``cifarlab demo`` web app: a Gradio page over a DemoModel, served on localhost.
 
-Three tabs: Classify (upload or example -> top-k label chart and Grad-CAM overlays),
+Three tabs: Classify (upload or example -> top-k label chart and CAM overlays),
 Misclassified (the run's most confident mistakes, filterable by class) and Run (headline
 numbers and the report's figures). Two events have stable API names for scripts:
-``predict`` (image, top_k, show_cam, layer, opacity) and ``misclassified`` (count,
-show_cam, actual, predicted).
+``predict`` (image, top_k, show_cam, layer, opacity[, cam]) and ``misclassified`` (count,
+show_cam, actual, predicted[, cam]); ``cam``, the CAM method, is optional (Grad-CAM).
 
 Privacy: no share link, telemetry off, the page uses only Gradio's own bundled assets
 (fonts included), so it works with no network at all.
@@ -19,8 +19,10 @@ import time
 from typing import Any
 
 from cifarlab.demo.core import MAX_MISCLASSIFIED, MAX_TOP_K, MAX_UPLOAD_BYTES, DemoModel
+from cifarlab.config import CAM_METHODS
 from cifarlab.demo.handlers import (
     ANY,
+    DEFAULT_CAM,
     FIGURES,
     NO_CLASS,
     Handlers,
@@ -52,9 +54,9 @@ def build_app(model: DemoModel) -> Any:
             with gr.Tab("Run", id="run"):
                 table = _run_tab(gr, model, handlers)
         # The gallery fills when the page opens, and again whenever a control changes.
-        count, show_cam, actual, predicted = mis_inputs
+        count, show_cam, actual, predicted, cam = mis_inputs
         gr.on(
-            [app.load, count.release, show_cam.change, actual.change, predicted.change],
+            [app.load, count.release, show_cam.change, actual.change, predicted.change, cam.change],
             handlers.misclassified,
             inputs=list(mis_inputs),
             outputs=gallery,
@@ -97,43 +99,45 @@ def _classify_tab(gr: Any, model: DemoModel, handlers: Handlers) -> None:
                             examples_per_page=len(model.examples))
         with gr.Column():
             top_k = gr.Slider(1, top_max, value=min(3, top_max), step=1, label="Top-k classes")
-            show_cam = gr.Checkbox(value=True, label="Grad-CAM")
+            show_cam = gr.Checkbox(value=True, label="CAM")
             layer = gr.Dropdown(list(model.layers), value=model.default_layer or model.layers[0], label="Layer to explain")
+            cam = gr.Dropdown(list(CAM_METHODS), value=DEFAULT_CAM, label="CAM method")
             opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
             cam_class = gr.Dropdown([NO_CLASS, *model.classes], value=NO_CLASS, label="Also explain this class")
         with gr.Column():
             label = gr.Label(num_top_classes=top_max, label="Prediction", elem_id="prediction")
-            overlay = gr.Image(label="Grad-CAM: predicted class", format="png", interactive=False, elem_id="overlay")
-            class_overlay = gr.Image(label="Grad-CAM: chosen class", format="png", interactive=False, elem_id="class-overlay")
+            overlay = gr.Image(label="CAM: predicted class", format="png", interactive=False, elem_id="overlay")
+            class_overlay = gr.Image(label="CAM: chosen class", format="png", interactive=False, elem_id="class-overlay")
     # preprocess=False: the handlers get the uploaded file itself (see handlers.upload_path).
     gr.on(
-        [image.change, top_k.release, show_cam.change, layer.change, opacity.release],
+        [image.change, top_k.release, show_cam.change, layer.change, opacity.release, cam.change],
         handlers.predict,
-        inputs=[image, top_k, show_cam, layer, opacity],
+        inputs=[image, top_k, show_cam, layer, opacity, cam],
         outputs=[label, overlay],
         api_name="predict",
         preprocess=False,
     )
     gr.on(
-        [image.change, cam_class.change, show_cam.change, layer.change, opacity.release],
+        [image.change, cam_class.change, show_cam.change, layer.change, opacity.release, cam.change],
         handlers.class_cam,
-        inputs=[image, cam_class, show_cam, layer, opacity],
+        inputs=[image, cam_class, show_cam, layer, opacity, cam],
         outputs=class_overlay,
         api_name="class_cam",
         preprocess=False,
     )
 
 
-def _misclassified_tab(gr: Any, model: DemoModel) -> tuple[tuple[Any, Any, Any, Any], Any]:
+def _misclassified_tab(gr: Any, model: DemoModel) -> tuple[tuple[Any, Any, Any, Any, Any], Any]:
     choices = [ANY, *model.classes]
     with gr.Row():
         count = gr.Slider(1, MAX_MISCLASSIFIED, value=DEFAULT_COUNT, step=1, label="How many")
-        show_cam = gr.Checkbox(value=False, label="Grad-CAM (predicted | actual class)")
+        show_cam = gr.Checkbox(value=False, label="CAM (predicted | actual class)")
         actual = gr.Dropdown(choices, value=ANY, label="Actual class")
         predicted = gr.Dropdown(choices, value=ANY, label="Predicted class")
+        cam = gr.Dropdown(list(CAM_METHODS), value=DEFAULT_CAM, label="CAM method")
     gallery = gr.Gallery(label="Most confidently misclassified test images: actual / predicted (p)", columns=5,
                          format="png", object_fit="contain", elem_id="misclassified-gallery")
-    return (count, show_cam, actual, predicted), gallery
+    return (count, show_cam, actual, predicted, cam), gallery
 
 
 def _run_tab(gr: Any, model: DemoModel, handlers: Handlers) -> Any:

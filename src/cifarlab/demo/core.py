@@ -3,9 +3,10 @@
 ``DemoModel.load(source)`` opens a run directory, a checkpoint or an exported folder
 (see :mod:`cifarlab.demo.sources`) once; afterwards each call is one prediction with the
 run's TTA (``engine.run_epoch``, as ``cifarlab predict`` does, so top-1 agrees) plus, for
-a CAM, one Grad-CAM forward/backward. Calls may come from several threads at once (the
-web server's workers): the model is used under a lock, because Grad-CAM hooks the layer
-and switches the model to eval mode for the duration of a call.
+a CAM, one call of the chosen CAM method (Grad-CAM by default; see
+:mod:`cifarlab.explain.cams`). Calls may come from several threads at once (the web
+server's workers): the model is used under a lock, because a CAM hooks the layer and
+switches the model to eval mode for the duration of a call.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _MAP_CACHE_MAX = 4096  # cached raw CAM maps of pool images (a few kB each)
 class DemoModel:
     """A trained model with what the app shows about it; build it with :meth:`load`.
 
-    Attributes: ``classes``; ``layers`` (Grad-CAM layers offered, default first, names as
+    Attributes: ``classes``; ``layers`` (CAM layers offered, default first, names as
     in ``named_modules()``); ``default_layer``; ``runtime``; ``info`` (headline numbers, see
     :func:`cifarlab.demo.runinfo.headline`); ``metrics`` (``accuracy``, ``per_class``,
     ``confusion``, ``n`` on the evaluation split); ``examples`` (one (32, 32, 3) uint8 test
@@ -64,9 +65,9 @@ class DemoModel:
         self._pool: Pool = data.pool
         self._history, self._lrs = history, lrs
         self._figures: dict[str, bytes] | None = data.figures or None
-        self._lock = threading.Lock()  # the model (predictions, Grad-CAM) and the map cache
+        self._lock = threading.Lock()  # the model (predictions, CAMs) and the map cache
         self._figure_lock = threading.Lock()
-        self._maps: dict[tuple[str, int], torch.Tensor] = {}
+        self._maps: dict[tuple[str, str, int], torch.Tensor] = {}  # (layer, method, pool index)
 
     @classmethod
     def load(cls, source: str | Path, *, device: str | None = None, data: str | None = None) -> "DemoModel":
@@ -100,7 +101,7 @@ class DemoModel:
                 figures={},
             )
         demo = cls(src, demo_data, src.history, src.lrs, Path(source))
-        # One call now pays the first-call costs (captum import, kernel set-up), not the first user.
+        # One call now pays the first-call costs (pytorch-grad-cam import, kernel set-up), not the first user.
         demo.predict(np.zeros((32, 32, 3), np.uint8), top_k=1, show_cam=True)
         return demo
 
@@ -114,17 +115,20 @@ class DemoModel:
         layer: str | None = None,
         opacity: float = 0.5,
         cam_class: str | None = None,
+        cam: str = "gradcam",
     ) -> tuple[dict[str, float], np.ndarray | None, np.ndarray | None]:
         """Classify one image: a Pillow image, a uint8 (H, W[, 1|3|4]) array or a file path,
         converted exactly as ``cifarlab predict`` converts files.
 
         Returns ``({class: probability}`` for the ``top_k`` most likely classes (clipped to
-        1..min(10, classes)), most likely first; the Grad-CAM overlay for the predicted class
-        (uint8 (224, 224, 3)) or None without ``show_cam``; the overlay for ``cam_class`` or
-        None). CifarlabError (one line) for an unreadable or truncated image, a file over
-        :data:`MAX_UPLOAD_BYTES`, an unknown layer or class.
+        1..min(10, classes)), most likely first; the CAM overlay (method ``cam``, one of
+        ``config.CAM_METHODS``) for the predicted class (uint8 (224, 224, 3)) or None without
+        ``show_cam``; the overlay for ``cam_class`` or None). CifarlabError (one line) for an
+        unreadable or truncated image, a file over :data:`MAX_UPLOAD_BYTES`, an unknown
+        layer, class or CAM method.
         """
         layer_name = self._layer(layer)
+        method = _method(cam)
         extra = None if cam_class in _NO_FILTER or cam_class == "none" else self._class_index(cam_class)
         alpha = _clip(opacity, 0.0, 1.0)
         k = int(_clip(top_k, 1, min(MAX_TOP_K, len(self.classes))))
@@ -135,7 +139,7 @@ class DemoModel:
             probs = self._probs(self._inputs(images))[0]
             if show_cam:
                 targets = [int(probs.argmax())] + ([extra] if extra is not None else [])
-                maps = self._cam_maps(images.expand(len(targets), -1, -1, -1), targets, layer_name)
+                maps = self._cam_maps(images.expand(len(targets), -1, -1, -1), targets, layer_name, method)
         top_p, top_i = probs.topk(k)
         scores = {self.classes[int(i)]: float(p) for p, i in zip(top_p, top_i)}
         if maps is None:
@@ -166,11 +170,11 @@ class DemoModel:
         res = run_epoch(self.model, batch, self.runtime, tta=self._cfg.tta, collect=True)
         return res.logits.float().softmax(1)
 
-    def _cam_maps(self, images: torch.Tensor, targets: list[int], layer: str) -> torch.Tensor:
-        """Raw Grad-CAM maps (N, h, w) of uint8 ``images`` for the ``targets`` classes."""
-        from cifarlab.explain.gradcam import layer_grad_cam
+    def _cam_maps(self, images: torch.Tensor, targets: list[int], layer: str, method: str) -> torch.Tensor:
+        """Raw CAM maps (N, h, w) of uint8 ``images`` for the ``targets`` classes."""
+        from cifarlab.explain.cams import layer_cams
 
-        maps, _ = layer_grad_cam(self.model, self._inputs(images), torch.tensor(targets, dtype=torch.int64), layer)
+        maps, _ = layer_cams(self.model, self._inputs(images), torch.tensor(targets, dtype=torch.int64), layer, method)
         return maps
 
     # ------------------------------------------------------------------ misclassified
@@ -183,17 +187,20 @@ class DemoModel:
         predicted: str | None = None,
         layer: str | None = None,
         opacity: float = 0.5,
+        cam: str = "gradcam",
     ) -> list[tuple[np.ndarray, str]]:
         """The ``count`` (1..50) most confidently misclassified evaluation images, filtered by
         ``actual`` and/or ``predicted`` class (None or "any": no filter), each captioned
         ``"actual / predicted (p)"`` with p the predicted class's probability (2 decimals).
 
         Without ``show_cam`` each image is upscaled to (224, 224, 3); with it, the
-        predicted-class and the actual-class Grad-CAM overlays side by side, (224, 448, 3).
+        predicted-class and the actual-class CAM overlays (method ``cam``) side by side,
+        (224, 448, 3).
         """
         a = None if actual in _NO_FILTER else self._class_index(actual)
         p = None if predicted in _NO_FILTER else self._class_index(predicted)
         layer_name = self._layer(layer)
+        method = _method(cam)
         alpha = _clip(opacity, 0.0, 1.0)
         pool = self._pool
         idx = pool.select(a, p, int(_clip(count, 1, MAX_MISCLASSIFIED)))
@@ -206,25 +213,25 @@ class DemoModel:
         if not captions:
             return []
         # (n, 2, h, w) maps -> 2n overlays, (predicted, actual) pairs side by side.
-        maps = torch.cat(self._pool_maps(idx, layer_name))
+        maps = torch.cat(self._pool_maps(idx, layer_name, method))
         overlays = cam_overlays(np.repeat(pictures, 2, axis=0), maps, alpha)
         pairs = np.concatenate([overlays[0::2], overlays[1::2]], axis=2)
         return list(zip(pairs, captions))
 
-    def _pool_maps(self, idx: np.ndarray, layer: str) -> list[torch.Tensor]:
-        """(2, h, w) raw maps (predicted class, actual class) per pool image, cached per layer."""
+    def _pool_maps(self, idx: np.ndarray, layer: str, method: str) -> list[torch.Tensor]:
+        """(2, h, w) raw maps (predicted class, actual class) per pool image, cached per layer and method."""
         with self._lock:
-            missing = [int(i) for i in idx if (layer, int(i)) not in self._maps]
+            missing = [int(i) for i in idx if (layer, method, int(i)) not in self._maps]
             if missing:
                 if len(self._maps) + len(missing) > _MAP_CACHE_MAX:
                     self._maps.clear()
                 pool, m = self._pool, len(missing)
                 images = pool.images[missing]
                 targets = pool.preds[missing].tolist() + pool.targets[missing].tolist()
-                maps = self._cam_maps(torch.cat([images, images]), targets, layer)
+                maps = self._cam_maps(torch.cat([images, images]), targets, layer, method)
                 for j, i in enumerate(missing):
-                    self._maps[(layer, i)] = torch.stack([maps[j], maps[m + j]])
-            return [self._maps[(layer, int(i))] for i in idx]
+                    self._maps[(layer, method, i)] = torch.stack([maps[j], maps[m + j]])
+            return [self._maps[(layer, method, int(i))] for i in idx]
 
     # ------------------------------------------------------------------------- run tab
 
@@ -261,6 +268,13 @@ class DemoModel:
             return self.classes.index(name)
         except ValueError:
             raise CifarlabError(f"unknown class '{name}'; the classes are: {', '.join(self.classes)}") from None
+
+
+def _method(cam: Any) -> str:
+    """The CAM method ``cam`` (empty: Grad-CAM), or a one-line error listing the methods."""
+    from cifarlab.explain.cams import check_method
+
+    return check_method(cam or "gradcam")
 
 
 def _clip(value: Any, low: float, high: float) -> float:

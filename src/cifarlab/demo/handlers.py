@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 ANY = "any"  # the "no filter" choice of the misclassified tab's class dropdowns
 NO_CLASS = "none"  # the "no second CAM" choice of the classify tab's class dropdown
+DEFAULT_CAM = "gradcam"  # the CAM method when none is chosen (config.CAM_METHODS[0])
 FIGURES = {"curves": "Training curves", "per_class": "Per-class accuracy", "confusion": "Confusion matrix"}
 
 
@@ -106,30 +107,41 @@ class Handlers:
         except CifarlabError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
 
-    def predict(self, image: Any, top_k: float, show_cam: bool, layer: str | None, opacity: float) -> tuple[Any, Any]:
-        """API ``predict``: ({class: probability} of the top_k classes, CAM overlay or None)."""
+    def predict(
+        self, image: Any, top_k: float, show_cam: bool, layer: str | None, opacity: float, cam: str | None = DEFAULT_CAM,
+    ) -> tuple[Any, Any]:
+        """API ``predict``: ({class: probability} of the top_k classes, CAM overlay or None).
+        ``cam`` (the CAM method) comes last and defaults to Grad-CAM, so five-argument calls keep working."""
         if image is None:  # cleared upload: clear the outputs too
             return None, None
         scores, overlay, _ = self._call(lambda: self.model.predict(
             upload_path(image), top_k=int(top_k), show_cam=bool(show_cam), layer=layer or None, opacity=float(opacity),
+            cam=cam or DEFAULT_CAM,
         ))
         return scores, self.files(overlay) if show_cam else None
 
-    def class_cam(self, image: Any, cam_class: str | None, show_cam: bool, layer: str | None, opacity: float) -> Any:
+    def class_cam(
+        self, image: Any, cam_class: str | None, show_cam: bool, layer: str | None, opacity: float,
+        cam: str | None = DEFAULT_CAM,
+    ) -> Any:
         """The CAM overlay for a class the user picked (None when none is picked or CAM is off)."""
         if image is None or not show_cam or cam_class in (None, "", NO_CLASS):
             return None
         _, _, overlay = self._call(lambda: self.model.predict(
             upload_path(image), top_k=1, show_cam=True, layer=layer or None, opacity=float(opacity), cam_class=cam_class,
+            cam=cam or DEFAULT_CAM,
         ))
         return self.files(overlay)
 
-    def misclassified(self, count: float, show_cam: bool, actual: str | None, predicted: str | None) -> list[tuple[str, str]]:
-        """API ``misclassified``: [(PNG path, "actual / predicted (p)")], most confident mistakes first."""
+    def misclassified(
+        self, count: float, show_cam: bool, actual: str | None, predicted: str | None, cam: str | None = DEFAULT_CAM,
+    ) -> list[tuple[str, str]]:
+        """API ``misclassified``: [(PNG path, "actual / predicted (p)")], most confident mistakes first
+        (``cam``, last and optional: the CAM method)."""
         gr = gradio()
         items = self._call(lambda: self.model.misclassified(
             count=int(count), show_cam=bool(show_cam), actual=None if actual in (None, "", ANY) else actual,
-            predicted=None if predicted in (None, "", ANY) else predicted,
+            predicted=None if predicted in (None, "", ANY) else predicted, cam=cam or DEFAULT_CAM,
         ))
         if not items:
             filtered = actual not in (None, "", ANY) or predicted not in (None, "", ANY)

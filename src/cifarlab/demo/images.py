@@ -93,7 +93,7 @@ def upscale(pixels: np.ndarray, size: int = DISPLAY_SIZE) -> np.ndarray:
 
 
 def cam_overlays(pixels: np.ndarray, maps: torch.Tensor, opacity: float, size: int = DISPLAY_SIZE) -> np.ndarray:
-    """uint8 (B, size, size, 3): each raw Grad-CAM map of (B, h, w) as a jet heat map over its image.
+    """uint8 (B, size, size, 3): each raw CAM map of (B, h, w) as a jet heat map over its image.
 
     ``pixels`` is one uint8 (H, W, 3) image for all maps or (B, H, W, 3), one per map;
     ``opacity`` is the heat map's weight (0: the image only, 1: the heat map only). The
@@ -101,7 +101,7 @@ def cam_overlays(pixels: np.ndarray, maps: torch.Tensor, opacity: float, size: i
     report's overlays), computed through a colour table in float32: a 50-image gallery
     has 100 overlays of 224x224 pixels, and this is several times faster.
     """
-    from cifarlab.explain.gradcam import upsample_and_normalise
+    from cifarlab.explain.cams import upsample_and_normalise
 
     cams = upsample_and_normalise(maps.float(), (size, size)).numpy()
     big = upscale(pixels, size).astype(np.float32) / 255.0

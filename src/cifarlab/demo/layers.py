@@ -16,7 +16,7 @@ from torch import nn
 
 from cifarlab.data.dataset import IMAGE_SIZE
 from cifarlab.errors import CifarlabError
-from cifarlab.explain.gradcam import resolve_layer, unwrap
+from cifarlab.explain.layers import resolve_layer, unwrap
 
 MIN_MAP = 4  # smallest map side (pixels) worth explaining
 

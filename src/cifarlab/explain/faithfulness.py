@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -114,3 +115,95 @@ def deletion_check(
         random_drop=rnd_drop.mean().item(),
         cam_wins=(cam_drop > rnd_drop).float().mean().item(),
     )
+
+
+# ROAD (Rong et al. 2022, "A Consistent and Efficient Evaluation Strategy for Attribution
+# Methods"): remove a share of the pixels -- most relevant first (MoRF) or least relevant
+# first (LeRF) -- and fill them by noisy linear imputation from their neighbours, which
+# leaves no tell-tale mask shape for the model to react to. A faithful map: a large drop
+# when its top pixels go (MoRF), a small one when its bottom pixels go (LeRF).
+ROAD_REMOVED = (0.2, 0.4, 0.6, 0.8)  # shares of the pixels removed
+_ROAD_SEED = 4321  # the imputation's noise, drawn from a forked RNG: reproducible, global RNG untouched
+
+
+@dataclass(frozen=True)
+class Road:
+    """Mean drops of the explained class's probability under ROAD, per share of pixels removed."""
+
+    n: int
+    removed: tuple[float, ...]
+    morf_drop: tuple[float, ...]  # most relevant pixels removed first: large = faithful
+    lerf_drop: tuple[float, ...]  # least relevant pixels removed first: small = faithful
+
+    @property
+    def morf_mean(self) -> float:
+        """MoRF drop averaged over the shares removed."""
+        return float(np.mean(self.morf_drop)) if self.morf_drop else float("nan")
+
+    @property
+    def lerf_mean(self) -> float:
+        """LeRF drop averaged over the shares removed."""
+        return float(np.mean(self.lerf_drop)) if self.lerf_drop else float("nan")
+
+    def to_dict(self) -> dict:
+        """Plain dict for JSON (with the two means)."""
+        return {**asdict(self), "morf_mean": self.morf_mean, "lerf_mean": self.lerf_mean}
+
+
+def _tie_free(cams: torch.Tensor, seed: int) -> np.ndarray:
+    """Each map replaced by its pixels' ranks scaled to [0, 1], ties in a fixed random order.
+
+    ROAD thresholds a map at a percentile; a map that is 0 on half the image (relu) would
+    otherwise have all those pixels removed together or not at all, so "remove 20%" could
+    remove 50%. Ranks keep the map's order and make every share exact.
+    """
+    b = cams.shape[0]
+    flat = cams.reshape(b, -1).float().cpu().numpy()
+    tiebreak = np.random.default_rng(seed).random(flat.shape[1])
+    ranks = np.empty_like(flat)
+    for i in range(b):
+        order = np.lexsort((tiebreak, flat[i]))
+        ranks[i, order] = np.arange(flat.shape[1]) / max(1, flat.shape[1] - 1)
+    return ranks.reshape(tuple(cams.shape)).astype(np.float32)
+
+
+def road_check(
+    model: nn.Module,
+    images: torch.Tensor,
+    cams: torch.Tensor,
+    classes: torch.Tensor,
+    removed: tuple[float, ...] = ROAD_REMOVED,
+    batch_size: int = 256,
+) -> Road:
+    """ROAD most/least-relevant-first drops of ``classes``' probability (pytorch-grad-cam's metrics).
+
+    ``images`` are normalised (B, 3, H, W) inputs on the model's device; ``cams`` (B, H, W)
+    at image resolution. The model runs in eval mode (restored afterwards), fp32.
+    """
+    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    n = images.shape[0]
+    if n == 0:
+        return Road(0, tuple(removed), (), ())
+    ranks = _tie_free(cams, _ROAD_SEED)
+    targets = [ClassifierOutputSoftmaxTarget(int(c)) for c in classes.tolist()]
+    was_training = model.training
+    model.eval()
+    morf, lerf = [], []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_ROAD_SEED)
+            for share in removed:
+                # The library keeps the pixels below the given percentile of the map (MoRF)
+                # or of its complement (LeRF) and imputes the rest.
+                pct = 100.0 * (1.0 - share)
+                for metric, out in ((ROADMostRelevantFirst(pct), morf), (ROADLeastRelevantFirst(pct), lerf)):
+                    changes = [
+                        metric(images[i : i + batch_size], ranks[i : i + batch_size], targets[i : i + batch_size], model)
+                        for i in range(0, n, batch_size)
+                    ]
+                    out.append(-float(np.concatenate(changes).mean()))  # change = after - before; drop = -change
+    finally:
+        model.train(was_training)
+    return Road(n, tuple(removed), tuple(morf), tuple(lerf))

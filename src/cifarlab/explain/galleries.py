@@ -1,4 +1,4 @@
-"""The ``explain`` pipeline: pick test images, Grad-CAM them, check the maps, save it all.
+"""The ``explain`` pipeline: pick test images, CAM them, check the maps, save it all.
 
 Used by ``cifarlab explain`` (from a checkpoint) and by the report at the end of
 training (with the model and predictions already in memory).
@@ -7,9 +7,10 @@ Output files (``write_explanation``)::
 
     misclassified.png   gallery: image | CAM of the predicted class | CAM of the actual class
     correct.png         gallery: image | CAM of the (correctly) predicted class
-    explain.json        chosen test indices, classes, probabilities, layer, faithfulness
+    top_losses.png      gallery: image | CAM predicted | CAM actual, highest loss first
+    explain.json        chosen test indices, classes, probabilities, losses, layer, method, faithfulness
     cams.npz            indices, images (uint8 N,H,W,3), cam_pred, cam_true (float32 N,H,W),
-                        preds, targets, probs, gallery (name per row)
+                        preds, targets, probs, gallery (name per row), layer, method
 """
 
 from __future__ import annotations
@@ -24,22 +25,23 @@ import torch
 from torch import nn
 
 from cifarlab.explain.faithfulness import Faithfulness, deletion_check
-from cifarlab.explain.gradcam import grad_cam, unwrap
+from cifarlab.explain.cams import cam_maps, check_method
+from cifarlab.explain.layers import resolve_layer, unwrap
 from cifarlab.explain.overlay import GalleryItem, denormalise, gallery_figure, overlay, save_png
-from cifarlab.explain.select import Selection, select_examples
+from cifarlab.explain.select import Selection, select_examples, select_top_losses
 
-GALLERIES = ("misclassified", "correct")
+GALLERIES = ("misclassified", "correct", "top_losses")
 
 
 @dataclass
 class Gallery:
     """One set of explained test images (most confident first)."""
 
-    kind: str  # "misclassified" or "correct"
+    kind: str  # one of GALLERIES
     selection: Selection
     images: np.ndarray  # uint8 (n, H, W, 3), de-normalised
     cam_pred: np.ndarray  # float32 (n, H, W) in [0, 1]
-    cam_true: np.ndarray  # float32 (n, H, W) in [0, 1]; == cam_pred for correct images
+    cam_true: np.ndarray  # float32 (n, H, W) in [0, 1]; == cam_pred where the prediction is right
     faithfulness: Faithfulness
 
     def rows(self, classes: Sequence[str]) -> list[dict[str, Any]]:
@@ -54,53 +56,59 @@ class Gallery:
                 "predicted_id": int(s.preds[i]),
                 "prob": float(s.probs[i]),
                 "actual_prob": float(s.true_probs[i]),
+                "loss": float(s.losses[i]),
             }
             for i in range(len(s))
         ]
 
+    def _caption(self, i: int, classes: Sequence[str]) -> tuple[str, str]:
+        s = self.selection
+        actual, pred = classes[int(s.targets[i])], classes[int(s.preds[i])]
+        if self.kind == "top_losses":
+            return (f"actual: {actual} / predicted: {pred}", f"loss {float(s.losses[i]):.2f} / p(actual) {float(s.true_probs[i]):.2f}")
+        return (f"actual: {actual}", f"pred: {pred}  p={float(s.probs[i]):.2f}")
+
     def figure(self, classes: Sequence[str]):
         """The gallery as one captioned Figure."""
-        s = self.selection
+        n = len(self.selection)
+        with_actual = self.kind != "correct"  # a correct image's actual-class map is its predicted one
         items = []
-        for i in range(len(s)):
+        for i in range(n):
             panels = [self.images[i], overlay(self.images[i], self.cam_pred[i])]
-            if self.kind == "misclassified":
+            if with_actual:
                 panels.append(overlay(self.images[i], self.cam_true[i]))
-            caption = (
-                f"actual: {classes[int(s.targets[i])]}",
-                f"pred: {classes[int(s.preds[i])]}  p={float(s.probs[i]):.2f}",
-            )
-            items.append(GalleryItem(panels, caption))
-        if self.kind == "misclassified":
-            titles = ["image", "CAM predicted", "CAM actual"]
-            title = f"Most confidently misclassified test images ({len(s)})"
-            accent = "#b00"
-        else:
-            titles = ["image", "CAM predicted"]
-            title = f"Most confidently correct test images ({len(s)})"
-            accent = "#070"
+            items.append(GalleryItem(panels, self._caption(i, classes)))
+        titles = ["image", "CAM predicted", "CAM actual"] if with_actual else ["image", "CAM predicted"]
+        title, accent = {
+            "misclassified": (f"Most confidently misclassified test images ({n})", "#b00"),
+            "correct": (f"Most confidently correct test images ({n})", "#070"),
+            "top_losses": (f"Top losses: test images with the highest loss ({n})", "#a50"),
+        }[self.kind]
         return gallery_figure(items, titles, title, per_row=5, accent=accent)
 
 
 @dataclass
 class Explanation:
-    """Both galleries of one model on one test split."""
+    """The galleries of one model on one test split."""
 
     layer: str
     classes: list[str]
     misclassified: Gallery
     correct: Gallery
+    top_losses: Gallery
     n_test: int
     accuracy: float
+    method: str  # the CAM method (config.CAM_METHODS)
 
     def galleries(self) -> list[Gallery]:
-        """Misclassified first, then correct."""
-        return [self.misclassified, self.correct]
+        """Misclassified, correct, then top losses (the order of ``GALLERIES``)."""
+        return [self.misclassified, self.correct, self.top_losses]
 
     def to_dict(self) -> dict[str, Any]:
         """What ``explain.json`` holds."""
         return {
             "layer": self.layer,
+            "method": self.method,
             "classes": self.classes,
             "n_test": self.n_test,
             "accuracy": self.accuracy,
@@ -129,6 +137,30 @@ def _normalised(images: torch.Tensor, mean, std, device: torch.device, channels_
     return x
 
 
+def _cam_requests(x: torch.Tensor, sels: Sequence[Selection]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and target classes of the one batched CAM call over all galleries: every image
+    for its predicted class, then the misclassified ones again for their actual class (a
+    correct image's actual-class map is its predicted-class map; see ``_split_cams``)."""
+    preds = torch.cat([sel.preds for sel in sels])
+    actual = torch.cat([sel.targets for sel in sels])
+    wrong = preds != actual
+    return torch.cat([x, x[wrong.to(x.device)]]), torch.cat([preds, actual[wrong]])
+
+
+def _split_cams(cams: np.ndarray, sels: Sequence[Selection]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(predicted-class, actual-class) maps per gallery from the rows ``_cam_requests`` asked for."""
+    n = sum(len(sel) for sel in sels)
+    wrong = torch.cat([sel.preds != sel.targets for sel in sels]).numpy()
+    pred_maps = cams[:n]
+    true_maps = pred_maps.copy()
+    true_maps[wrong] = cams[n:]
+    out, start = [], 0
+    for sel in sels:
+        out.append((pred_maps[start : start + len(sel)], true_maps[start : start + len(sel)]))
+        start += len(sel)
+    return out
+
+
 def explain_predictions(
     model: nn.Module,
     test_images: torch.Tensor,
@@ -142,48 +174,50 @@ def explain_predictions(
     n_correct: int = 10,
     layer: str | None = None,
     channels_last: bool = False,
+    n_top_losses: int = 10,
+    cam: str = "gradcam",
 ) -> Explanation:
-    """Select, Grad-CAM and faithfulness-check test images given collected test logits.
+    """Select, CAM and faithfulness-check test images given collected test logits.
 
     ``test_images`` is the uint8 (N, 3, H, W) test split the logits were computed on, in
-    the same order. All CAMs (predicted and actual class, both galleries) go through
-    Captum in one batched call on the model's device.
+    the same order. All CAMs (predicted and actual class, every gallery) come from the
+    method ``cam`` in one batched call on the model's device.
     """
+    check_method(cam)
     model = unwrap(model)
     device = next(model.parameters()).device
-    mis = select_examples(logits, targets, n_misclassified, correct=False)
-    cor = select_examples(logits, targets, n_correct, correct=True)
-    idx = torch.cat([mis.indices, cor.indices])
+    sels = (
+        select_examples(logits, targets, n_misclassified, correct=False),
+        select_examples(logits, targets, n_correct, correct=True),
+        select_top_losses(logits, targets, n_top_losses),
+    )
+    idx = torch.cat([sel.indices for sel in sels])
     x = _normalised(test_images[idx], mean, std, device, channels_last)
-    m, c = len(mis), len(cor)
-    # CAM targets: predicted then actual class for misclassified images, predicted for correct ones.
-    cam_targets = torch.cat([mis.preds, mis.targets, cor.preds])
-    cam_x = torch.cat([x[:m], x[:m], x[m:]])
+    cam_x, cam_targets = _cam_requests(x, sels)
     if cam_x.shape[0]:
-        cams, name = grad_cam(model, cam_x, cam_targets, layer)
+        cams, name = cam_maps(model, cam_x, cam_targets, layer, cam)
     else:
-        from cifarlab.explain.gradcam import resolve_layer
-
         name = resolve_layer(model, layer)[0]
         cams = torch.zeros(0, *x.shape[-2:])
     cams_np = cams.numpy().astype(np.float32)
     pictures = denormalise(x, mean, std)
-    classes = list(classes)
     galleries = []
-    for kind, sel, pics, cp, ct, xs in (
-        ("misclassified", mis, pictures[:m], cams_np[:m], cams_np[m : 2 * m], x[:m]),
-        ("correct", cor, pictures[m:], cams_np[2 * m :], cams_np[2 * m :], x[m:]),
-    ):
-        faith = deletion_check(model, xs, torch.from_numpy(cp), sel.preds)
-        galleries.append(Gallery(kind, sel, pics, cp, ct, faith))
+    start = 0
+    for kind, sel, (cp, ct) in zip(GALLERIES, sels, _split_cams(cams_np, sels)):
+        rows = slice(start, start + len(sel))
+        start = rows.stop
+        faith = deletion_check(model, x[rows], torch.from_numpy(cp), sel.preds)
+        galleries.append(Gallery(kind, sel, pictures[rows], cp, ct, faith))
     preds = logits.argmax(1).cpu()
     return Explanation(
         layer=name,
-        classes=classes,
+        classes=list(classes),
         misclassified=galleries[0],
         correct=galleries[1],
+        top_losses=galleries[2],
         n_test=int(targets.numel()),
         accuracy=float((preds == targets.cpu()).float().mean()) if targets.numel() else float("nan"),
+        method=cam,
     )
 
 
@@ -218,6 +252,7 @@ def write_explanation(expl: Explanation, out_dir: str | Path, pngs: dict[str, by
         gallery=np.array([g.kind for g in gs for _ in range(len(g.selection))], dtype="<U13"),
         classes=np.array(expl.classes, dtype=str),
         layer=np.array(expl.layer),
+        method=np.array(expl.method),
     )
     return paths
 
@@ -229,11 +264,13 @@ def explain_checkpoint(
     n_misclassified: int = 20,
     n_correct: int = 10,
     layer: str | None = None,
+    n_top_losses: int = 10,
+    cam: str = "gradcam",
 ) -> Explanation:
     """Load a checkpoint and its test data, predict the split, explain (``cifarlab explain``)."""
     from cifarlab.evaluate import load_for_inference, predict_split
-    from cifarlab.explain.gradcam import resolve_layer
 
+    check_method(cam)  # a bad --cam fails before the checkpoint loads
     run = load_for_inference(str(checkpoint), overrides)
     resolve_layer(run.model, layer)  # a bad --layer fails before the test split is predicted
     res = predict_split(run)
@@ -249,6 +286,8 @@ def explain_checkpoint(
         n_correct=n_correct,
         layer=layer,
         channels_last=run.runtime.channels_last,
+        n_top_losses=n_top_losses,
+        cam=cam,
     )
 
 

@@ -58,11 +58,18 @@ class GalleryItem:
 
 
 def gallery_figure(
-    items: Sequence[GalleryItem], panel_titles: Sequence[str], title: str, per_row: int = 5, accent: str = "#b00"
+    items: Sequence[GalleryItem],
+    panel_titles: Sequence[str],
+    title: str,
+    per_row: int = 5,
+    accent: str = "#b00",
+    min_cols: int = 1,
 ):
     """Matplotlib Figure of captioned tiles, ``per_row`` tiles per row, pixel-exact.
 
-    The second caption line (the prediction) is drawn in ``accent``.
+    The second caption line (the prediction) is drawn in ``accent``. The figure is at
+    least ``min_cols`` tiles wide even with fewer items, so that strips of different
+    lengths share one scale and a one-image strip still has room for its title.
     """
     from matplotlib.figure import Figure
 
@@ -74,7 +81,7 @@ def gallery_figure(
     ph, pw = items[0].panels[0].shape[0] * SCALE, items[0].panels[0].shape[1] * SCALE
     tile_w = k * pw + (k - 1) * _GAP
     tile_h = _CAPTION + ph
-    cols = min(per_row, len(items))
+    cols = min(per_row, max(len(items), min_cols))
     rows = -(-len(items) // cols)
     width = cols * tile_w + (cols + 1) * _TILE_GAP
     height = 24 + _HEADER + rows * tile_h + (rows + 1) * _TILE_GAP
@@ -122,8 +129,9 @@ def save_png(fig, path: str | Path) -> Path:
     return path
 
 
-def prediction_figure(image: np.ndarray, cam: np.ndarray, lines: Sequence[str], title: str):
-    """Input image (as the model sees it, 32x32) beside its CAM overlay, with the top-k lines below."""
+def prediction_figure(image: np.ndarray, cam: np.ndarray, lines: Sequence[str], title: str, method: str = "Grad-CAM"):
+    """Input image (as the model sees it, 32x32) beside its CAM overlay (titled with ``method``),
+    with the top-k lines below."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2, 2.9), dpi=_DPI, layout="constrained")
@@ -131,7 +139,7 @@ def prediction_figure(image: np.ndarray, cam: np.ndarray, lines: Sequence[str], 
     axes[0].imshow(image, interpolation="nearest")
     axes[0].set_title("input (32x32)", fontsize=8)
     axes[1].imshow(overlay(image, cam), interpolation="nearest")
-    axes[1].set_title(f"Grad-CAM: {lines[0].split(' ')[0] if lines else ''}", fontsize=8)
+    axes[1].set_title(f"{method}: {lines[0].split(' ')[0] if lines else ''}", fontsize=8)
     for ax in axes:
         ax.set_axis_off()
     fig.suptitle(title, fontsize=9)

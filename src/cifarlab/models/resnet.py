@@ -26,7 +26,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
         self.norm1 = make_norm(norm, out_channels)
-        # Separate, non-inplace activations: every hook point (Grad-CAM, captum) then sees
+        # Separate, non-inplace activations: every hook point (the CAM methods) then sees
         # exactly one call per forward and an output no later op overwrites.
         self.act1 = nn.ReLU()
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)

@@ -73,13 +73,16 @@ def build_report(
     n_correct: int = 10,
     layer: str | None = None,
     log: Callable[[str], None] | None = None,
+    n_top_losses: int = 10,
+    cam: str | None = None,
 ) -> ReportPaths:
     """Write ``report.html``, ``README.md`` and ``report_files/`` for a finished run directory.
 
     ``model``/``dataset``/``logits``/``targets`` (all from the same final model) skip
     reloading; without them the model comes from ``checkpoints/last.pt`` and the data from
     the run's config, or from ``data`` when the dataset has moved since training. The
-    explanation files also land in ``RUN_DIR/explain/``.
+    explanation files also land in ``RUN_DIR/explain/``. ``cam`` is the CAM method
+    (default: the run's config key ``cam``).
     """
     clock = _Stopwatch()
     run_dir = Path(run_dir)
@@ -88,7 +91,18 @@ def build_report(
     logits, targets = _test_predictions(run_dir, ckpt, run, logits, targets)
     clock.lap("predictions")
     paths = _explain_and_render(
-        run_dir, ckpt, cfg, run, logits, targets, clock, n_misclassified=n_misclassified, n_correct=n_correct, layer=layer
+        run_dir,
+        ckpt,
+        cfg,
+        run,
+        logits,
+        targets,
+        clock,
+        n_misclassified=n_misclassified,
+        n_correct=n_correct,
+        n_top_losses=n_top_losses,
+        layer=layer,
+        cam=cam or cfg.cam,
     )
     paths.seconds = clock.total()
     paths.timings = clock.timings
@@ -148,11 +162,15 @@ def _explain_and_render(
     *,
     n_misclassified: int,
     n_correct: int,
+    n_top_losses: int,
     layer: str | None,
+    cam: str,
 ) -> ReportPaths:
-    """Metrics, Grad-CAM galleries, figures, model summary, then the report and explain/ files."""
+    """Metrics, CAM galleries, figures, model summary, then the report and explain/ files."""
     from cifarlab.evaluate import metrics_from_logits
-    from cifarlab.explain.galleries import explain_predictions, write_explanation
+    from cifarlab.explain.cams import cam_title
+    from cifarlab.explain.galleries import GALLERIES, explain_predictions, write_explanation
+    from cifarlab.report.pairs import pair_figures
     from cifarlab.summary import model_summary
 
     classes = list(ckpt["classes"])
@@ -169,23 +187,28 @@ def _explain_and_render(
         n_correct=n_correct,
         layer=layer,
         channels_last=run.runtime.channels_last,
+        n_top_losses=n_top_losses,
+        cam=cam,
     )
     clock.lap("grad-cam")
     figures = report_figures(ckpt, cfg, run.dataset, metrics, expl, run_dir)
     clock.lap("plots")
     # The galleries are already rendered for the report: hand the PNGs over, don't redraw.
-    write_explanation(expl, run_dir / "explain", pngs={f.name: f.png for f in figures if f.name in ("misclassified", "correct")})
+    write_explanation(expl, run_dir / "explain", pngs={f.name: f.png for f in figures if f.name in GALLERIES})
     clock.lap("explain-files")
     summary = model_summary(_plain_model(run.model))
     clock.lap("summary")
     context = report_context(ckpt, cfg, run.dataset, metrics, expl, summary, run_dir)
+    context["cam_title"] = cam_title(expl.method)  # the templates' CAM headings
+    figures += pair_figures(context["most_confused"], logits, targets, run.dataset.test.images)
+    clock.lap("confused-pairs")
     paths = render_report(run_dir, context, figures)
     clock.lap("render")
     return paths
 
 
 def _plain_model(model: nn.Module) -> nn.Module:
-    from cifarlab.explain.gradcam import unwrap
+    from cifarlab.explain.layers import unwrap
 
     return unwrap(model)
 
@@ -235,7 +258,7 @@ def report_on_finish(write_report: bool = True) -> Callable[[Any], None]:
     ``fit(cfg, on_finish=report_on_finish())`` trains and reports as ``cifarlab train`` does."""
 
     def on_finish(done) -> None:  # a cifarlab.train.FinishedRun
-        after_training(
+        paths = after_training(
             done.run_dir,
             model=done.model,
             dataset=done.dataset,
@@ -244,5 +267,27 @@ def report_on_finish(write_report: bool = True) -> Callable[[Any], None]:
             write_report=write_report,
             log=done.log,
         )
+        _figures_to_tensorboard(done.run_dir, paths, done.epoch, done.log)
 
     return on_finish
+
+
+# Report figures (report_files/<name>.png) that a --tensorboard run also logs at its end.
+TENSORBOARD_FIGURES = {"confusion_matrix": "confusion", "misclassified": "misclassified"}
+
+
+def _figures_to_tensorboard(run_dir: str | Path, paths: ReportPaths | None, epoch: int, log: Callable[[str], None]) -> None:
+    """With --tensorboard (the run has ``tb/``): add the report's confusion matrix and
+    misclassified gallery as images at the last epoch. Never fails the finished run."""
+    from cifarlab.tblog import TB_DIR, write_pngs
+
+    if not (Path(run_dir) / TB_DIR).is_dir():
+        return
+    if paths is None:
+        log("tensorboard: no confusion matrix or misclassified images: they are the report's figures (no report was written)")
+        return
+    files = Path(run_dir) / FILES_DIR
+    try:
+        write_pngs(run_dir, {tag: files / f"{name}.png" for tag, name in TENSORBOARD_FIGURES.items()}, epoch)
+    except Exception as exc:  # noqa: BLE001 - a log must never fail a finished training run
+        log(f"warning: the report's figures could not be added to TensorBoard ({type(exc).__name__}: {exc})")

@@ -1,7 +1,8 @@
 """``cifarlab report --compare RUN_DIR...``: one self-contained HTML page comparing runs.
 
 Shows a table of final and best accuracy, wall time and the main settings, the runs'
-curves overlaid, and per-class accuracy side by side. Per-class numbers come from each
+curves overlaid, and per-class accuracy side by side. Runs whose configs differ only in
+their seed (``train --seeds``) also get the mean ± std, min and max of those accuracies. Per-class numbers come from each
 run's ``predictions.npz`` (written at the end of training); a run without one is
 evaluated on its test split once.
 """
@@ -9,9 +10,11 @@ evaluated on its test split once.
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from cifarlab.errors import CifarlabError
 
@@ -71,6 +74,49 @@ def _stored_test_size(path: Path) -> int | None:
         return None
 
 
+# Keys that may differ between runs of one experiment repeated over seeds: the seed, where
+# it went, and settings that only change logging and checkpointing, never the numbers.
+_NOT_THE_EXPERIMENT = frozenset({"seed", "out", "log_every", "save_every_steps", "tensorboard"})
+
+
+def differ_only_in_seed(configs: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether two or more stored configs are one experiment over distinct seeds: equal on
+    every key but the seed, the run directory and logging-only keys (log_every,
+    save_every_steps, tensorboard). A key one config lacks counts as its default."""
+    from cifarlab.config import TrainConfig
+
+    defaults = TrainConfig().to_dict()
+    rest = [{k: c.get(k, defaults.get(k)) for k in set(defaults) | set(c) if k not in _NOT_THE_EXPERIMENT} for c in configs]
+    seeds = [c.get("seed", defaults["seed"]) for c in configs]
+    return len(configs) >= 2 and all(r == rest[0] for r in rest) and len(set(seeds)) == len(seeds)
+
+
+def spread(values: Sequence[float]) -> dict[str, float | None]:
+    """mean, std, min and max of ``values``; std is the sample standard deviation (n - 1),
+    None for a single value. NaNs (runs never evaluated) are left out."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not vals:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    return {
+        "mean": statistics.fmean(vals),
+        "std": statistics.stdev(vals) if len(vals) > 1 else None,
+        "min": min(vals),
+        "max": max(vals),
+    }
+
+
+def _seed_stats(configs: Sequence[Mapping[str, Any]], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The mean ± std (min, max) row of the results table, when the runs differ only in seed."""
+    if not differ_only_in_seed(configs):
+        return None
+    return {
+        "n": len(rows),
+        "seeds": [c.get("seed") for c in configs],
+        "final": spread([r["final"] for r in rows]),
+        "best": spread([r["best"] for r in rows]),
+    }
+
+
 def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, device: str | None = None) -> Path:
     """Write the comparison page for ``run_dirs``; return its path (default ``runs/compare-<UTC stamp>.html``)."""
     from cifarlab.explain.overlay import figure_png
@@ -120,6 +166,7 @@ def compare_runs(run_dirs: Sequence[str | Path], out: str | Path | None = None, 
         "per_class": [{"name": r.name, "acc": [r.per_class[c] for c in classes]} for r in same],
         "skipped": [r.name for r in runs if r not in same],
         "synthetic": [row["name"] for row in rows if row["data"] == "SYNTHETIC"],
+        "seed_stats": _seed_stats([r.ckpt.get("config", {}) for r in runs], rows),
     }
     if out is None:
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -25,6 +25,7 @@ SECTIONS = (
     ("augmentations", "Augmented training samples"),
     ("misclassified", "Misclassified test images with Grad-CAM"),
     ("correct", "Correctly classified test images with Grad-CAM"),
+    ("top-losses", "Top losses"),
     ("faithfulness", "Grad-CAM faithfulness"),
 )
 
@@ -117,14 +118,28 @@ def _per_class(metrics: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[s
 
 
 def _most_confused(metrics: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The most frequent (actual, predicted) mistakes, with each pair's share of the actual class."""
+    """The most frequent (actual, predicted) mistakes, with each pair's share of the actual
+    class, how many of its images the report shows and the name of their strip
+    (``report.pairs``: HTML id and PNG name)."""
     from cifarlab.metrics import most_confused
+    from cifarlab.report.pairs import PAIR_IMAGES, pair_name
 
     classes = list(metrics["per_class"])
     rows = []
     for actual, predicted, count in most_confused(metrics["confusion"], classes)[:MOST_CONFUSED_SHOWN]:
-        support = sum(metrics["confusion"][classes.index(actual)])
-        rows.append({"actual": actual, "predicted": predicted, "count": count, "share": count / support})
+        a, p = classes.index(actual), classes.index(predicted)
+        rows.append(
+            {
+                "actual": actual,
+                "predicted": predicted,
+                "actual_id": a,
+                "predicted_id": p,
+                "count": count,
+                "share": count / sum(metrics["confusion"][a]),
+                "shown": min(count, PAIR_IMAGES),
+                "figure": pair_name(a, p, actual, predicted),
+            }
+        )
     return rows
 
 
@@ -149,7 +164,13 @@ def _galleries(expl) -> dict[str, list[dict[str, Any]]]:
     """Each gallery's table rows, probabilities already formatted."""
     return {
         g.kind: [
-            {**row, "prob_text": f"{row['prob']:.2f}", "actual_prob_text": f"{row['actual_prob']:.2f}"}
+            {
+                **row,
+                "prob_text": f"{row['prob']:.2f}",
+                "actual_prob_text": f"{row['actual_prob']:.2f}",
+                "loss_text": f"{row['loss']:.3f}",
+                "correct": row["actual_id"] == row["predicted_id"],
+            }
             for row in g.rows(expl.classes)
         ]
         for g in expl.galleries()

@@ -5,35 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from cifarlab.report.render import Figure_
-
-_AUGMENT_ROWS = 8
-
-
-def _augment_images(dataset) -> torch.Tensor:
-    """The first training image of each of up to 8 classes (then more images if fewer classes)."""
-    labels = dataset.train.labels
-    picked: list[int] = []
-    for c in range(int(labels.max()) + 1 if labels.numel() else 0):
-        hits = (labels == c).nonzero().flatten()
-        if hits.numel():
-            picked.append(int(hits[0]))
-        if len(picked) == _AUGMENT_ROWS:
-            break
-    for i in range(len(labels)):
-        if len(picked) >= min(_AUGMENT_ROWS, len(labels)):
-            break
-        if i not in picked:
-            picked.append(i)
-    return dataset.train.images[sorted(picked)]
 
 
 def report_figures(ckpt: Mapping[str, Any], cfg, dataset, metrics: Mapping[str, Any], expl, run_dir: Path) -> list[Figure_]:
     """Every figure of the report, in page order: LR finder (if it ran), curves, per-class
     accuracy, confusion matrix, augmented samples and the Grad-CAM galleries."""
     from cifarlab.data import AugmentSpec
+    from cifarlab.data.preview import VIEWS, augmentation_grid, sample_images
     from cifarlab.explain.overlay import figure_png
     from cifarlab.report import plots
 
@@ -47,7 +26,8 @@ def report_figures(ckpt: Mapping[str, Any], cfg, dataset, metrics: Mapping[str, 
     out.append(Figure_("per_class", "per-class test accuracy", figure_png(plots.per_class_figure(classes, list(metrics["per_class"].values())))))
     out.append(Figure_("confusion", "confusion matrix", figure_png(plots.confusion_figure(metrics["confusion"], classes))))
     spec = AugmentSpec.parse(cfg.augment)
-    aug = plots.augmentation_figure(_augment_images(dataset), spec, ckpt["mean"], ckpt["std"], seed=cfg.seed)
+    grid = augmentation_grid(sample_images(dataset.train), spec, ckpt["mean"], ckpt["std"], seed=cfg.seed)
+    aug = plots.augmentation_figure(grid, spec, VIEWS)
     out.append(Figure_("augmentations", "augmented training samples", figure_png(aug)))
     for g in expl.galleries():
         out.append(Figure_(g.kind, f"{g.kind} test images with Grad-CAM", figure_png(g.figure(expl.classes))))

@@ -9,7 +9,6 @@ import math
 from typing import Mapping, Sequence
 
 import numpy as np
-import torch
 from matplotlib.ticker import MaxNLocator
 
 _DPI = 100
@@ -99,32 +98,9 @@ def confusion_figure(confusion: Sequence[Sequence[int]], classes: Sequence[str])
     return fig
 
 
-def augmentation_figure(images: torch.Tensor, spec, mean: Sequence[float], std: Sequence[float], views: int = 6, seed: int = 0):
-    """Grid of training images (rows) as the model sees them: original, then ``views`` augmentations.
-
-    Uses the run's own ``AugmentSpec`` through ``augment_batch`` on normalised inputs,
-    then de-normalises with the run's mean/std, so the grid shows exactly what training fed.
-    """
-    from cifarlab.data import DeviceLoader, Split, augment_batch
-    from cifarlab.explain.overlay import denormalise
-
-    n = images.shape[0]
-    loader = DeviceLoader(Split(images, torch.zeros(n, dtype=torch.int64)), max(n, 1), device="cpu", mean=mean, std=std, shuffle=False)
-    (x, _), = list(loader)
-    g = torch.Generator().manual_seed(seed)
-    # flip:alt: successive columns are successive epochs, each image's flip alternating.
-    first = torch.rand(n, generator=g) < 0.5 if spec.flip_alternate else None
-    columns = [x] + [
-        augment_batch(x, spec, g, flips=None if first is None else first ^ bool(v % 2)) for v in range(views)
-    ]
-    pics = [denormalise(c, mean, std) for c in columns]  # each (n, H, W, 3)
-    h, w = pics[0].shape[1:3]
-    gap, scale = 2, 3
-    canvas = np.full((n * (h * scale + gap) + gap, len(pics) * (w * scale + gap) + gap, 3), 255, np.uint8)
-    for r in range(n):
-        for c, p in enumerate(pics):
-            y0, x0 = gap + r * (h * scale + gap), gap + c * (w * scale + gap)
-            canvas[y0 : y0 + h * scale, x0 : x0 + w * scale] = p[r].repeat(scale, 0).repeat(scale, 1)
+def augmentation_figure(canvas: np.ndarray, spec, views: int):
+    """The augmentation grid of ``cifarlab.data.preview.augmentation_grid`` (rows: training
+    images; columns: the original, then ``views`` random draws), with the spec as title."""
     fig = _figure(canvas.shape[1] / _DPI + 0.3, canvas.shape[0] / _DPI + 0.5)
     ax = fig.add_subplot()
     ax.imshow(canvas, interpolation="nearest")
