@@ -37,6 +37,11 @@ def test_writes_png_grids_json_and_npz(explained):
         assert row["actual"] in info["classes"] and 0 <= row["prob"] <= 1 and row["loss"] >= 0
     assert set(info["faithfulness"]) == {"misclassified", "correct", "top_losses"}
     assert {"cam_drop", "random_drop", "cam_wins", "n", "fraction"} <= set(info["faithfulness"]["misclassified"])
+    for kind, faith in info["faithfulness"].items():  # ROAD beside the deletion check, per share removed
+        road = faith["road"]
+        assert road["n"] == faith["n"] == len(info[kind]) and road["removed"] == [0.2, 0.4, 0.6, 0.8], kind
+        assert len(road["morf_drop"]) == len(road["lerf_drop"]) == 4, kind
+        assert np.isfinite(road["morf_drop"] + road["lerf_drop"] + [road["morf_mean"], road["lerf_mean"]]).all(), kind
 
     with np.load(out / "cams.npz", allow_pickle=False) as z:
         n = len(rows)

@@ -130,6 +130,24 @@ def test_train_has_a_no_report_flag():
     assert build_parser().parse_args(["train"]).no_report is False
 
 
+def test_road_numbers_in_the_report_are_those_in_explain_json(run_dir):
+    """The faithfulness section's ROAD table: MoRF/LeRF mean drops per gallery, as explain.json has them."""
+    faith = json.loads((run_dir / "explain" / "explain.json").read_text())["faithfulness"]
+    html = (run_dir / "report.html").read_text()
+    md = (run_dir / "README.md").read_text()
+    section = md[md.index("## Grad-CAM faithfulness"):]
+    assert "20, 40, 60 and 80% of the pixels" in html and "20, 40, 60 and 80% of the pixels" in section
+    assert "larger MoRF drop than LeRF drop" in html and "by the Grad-CAM map" in section
+    for kind in ("misclassified", "correct", "top_losses"):
+        road = faith[kind]["road"]
+        assert road["removed"] == [0.2, 0.4, 0.6, 0.8] and road["n"] == faith[kind]["n"]
+        assert road["n"] > 0 and road["morf_mean"] == pytest.approx(sum(road["morf_drop"]) / 4)
+        morf, lerf = f"{road['morf_mean']:.3f}", f"{road['lerf_mean']:.3f}"
+        cells = f'<td class="num">{road["n"]}</td><td class="num">{morf}</td><td class="num">{lerf}</td></tr>'
+        assert f"<tr><td>{kind}</td>{cells}" in html, kind
+        assert f"| {kind} | {road['n']} | {morf} | {lerf} |" in section, kind
+
+
 def test_faithfulness_verdict_needs_a_clear_majority_not_just_a_higher_mean():
     from cifarlab.explain.faithfulness import Faithfulness
     from cifarlab.report.build import faithfulness_verdict

@@ -15,6 +15,7 @@ one contiguous hole does, so they made even good maps look "no better than rando
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -192,7 +193,9 @@ def road_check(
     model.eval()
     morf, lerf = [], []
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # The library's imputer calls np.argwhere on torch tensors: NumPy 2 warns once per image.
+            warnings.filterwarnings("ignore", message="__array_wrap__ must accept context", category=DeprecationWarning)
             torch.manual_seed(_ROAD_SEED)
             for share in removed:
                 # The library keeps the pixels below the given percentile of the map (MoRF)

@@ -155,9 +155,17 @@ def _faithfulness_rows(expl) -> list[dict[str, Any]]:
                 "random_drop": f.random_drop,
                 "cam_wins": f.cam_wins,
                 "verdict": faithfulness_verdict(f),
+                "road_morf": g.road.morf_mean,  # ROAD drops averaged over the shares removed
+                "road_lerf": g.road.lerf_mean,
             }
         )
     return rows
+
+
+def _shares_text(shares: Sequence[float]) -> str:
+    """(0.2, 0.4, 0.6, 0.8) -> "20, 40, 60 and 80%"."""
+    pcts = [f"{round(100 * s):d}" for s in shares]
+    return (", ".join(pcts[:-1]) + " and " + pcts[-1] if len(pcts) > 1 else "".join(pcts)) + "%"
 
 
 def _galleries(expl) -> dict[str, list[dict[str, Any]]]:
@@ -228,5 +236,6 @@ def report_context(ckpt: Mapping[str, Any], cfg, dataset, metrics: Mapping[str, 
         "galleries": _galleries(expl),
         "faithfulness": _faithfulness_rows(expl),
         "faith_fraction": expl.misclassified.faithfulness.fraction,
+        "road_removed": _shares_text(expl.misclassified.road.removed),
         "sections": SECTIONS,
     }
