@@ -72,7 +72,8 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     # Norm-layer biases of BN nets train well with a much larger LR (airbench uses 64x);
-    # applied to 1-d params (biases, norm affine) and exempt from weight decay when > 1.
+    # applied to 1-d params (biases, norm affine), whose weight decay is divided by it so
+    # the per-step decay lr * weight_decay stays the same (airbench's bias_scaler).
     bias_lr_scale: float = 1.0
     label_smoothing: float = 0.0
     scheduler: str = "onecycle"
