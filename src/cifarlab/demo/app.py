@@ -230,33 +230,6 @@ def serve(model: DemoModel, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
             time.sleep(0.2)
     except KeyboardInterrupt:
         print("cifarlab demo: stopped", file=sys.stderr, flush=True)
-        _exit_soon()
     finally:
         app.close(verbose=False)
     return url
-
-
-# Seconds a stopped server may take to exit on its own. Gradio closes its server with a
-# 5 s join and then lets the interpreter finish; once (in one full-suite CI run of
-# 2026-12-03, not reproduced in the runs since) the process was still alive 60 s after
-# Ctrl-C. Whatever thread held it, a user's Ctrl-C must end the process.
-_EXIT_GRACE_S = 15.0
-
-
-def _exit_soon() -> None:
-    """End the process with status 0 after :data:`_EXIT_GRACE_S` unless it has exited by then.
-
-    A daemon timer: it does not itself keep the process alive, and it still runs while
-    the interpreter waits at exit for some other, non-daemon thread.
-    """
-    import os
-    import threading
-
-    def force() -> None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-    timer = threading.Timer(_EXIT_GRACE_S, force)
-    timer.daemon = True
-    timer.start()
