@@ -298,7 +298,12 @@ def run_dir(tmp_path_factory):
 def server(run_dir, tmp_path_factory):
     env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio"))}
     cmd = [sys.executable, "-m", "cifarlab", "demo", str(run_dir), "--port", str(free_port()), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # Started with SIGINT ignored, as a script's background job is: the Ctrl-C test then
+    # shows the demo installs its own handler (and does not depend on how pytest was started).
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     out: queue.Queue[str] = queue.Queue()
     err: list[str] = []
     threading.Thread(target=_pump, args=(proc.stdout, out.put), daemon=True).start()

@@ -13,6 +13,7 @@ Privacy: no share link, telemetry off, the page uses only Gradio's own bundled a
 from __future__ import annotations
 
 import errno
+import signal
 import socket
 import sys
 import time
@@ -225,6 +226,11 @@ def serve(model: DemoModel, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, 
         print(f"cifarlab demo: listening on {host}: other machines on the network can open it", flush=True)
     if not block:
         return url
+    # A process started with SIGINT ignored (e.g. by `cmd &` in a script: POSIX shells
+    # ignore it in background jobs) inherits that, and Python then installs no
+    # KeyboardInterrupt handler: Ctrl-C / `kill -INT` would never stop the server.
+    # `cifarlab train` installs its own handlers for the same reason (guards.py).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while app.is_running:
             time.sleep(0.2)
