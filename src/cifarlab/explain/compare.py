@@ -135,7 +135,7 @@ def compare_checkpoint(
 ) -> CamComparison:
     """Load a checkpoint, predict its test split and compare the methods on the gallery images."""
     from cifarlab.evaluate import load_for_inference, predict_split
-    from cifarlab.explain.galleries import _normalised
+    from cifarlab.explain.galleries import normalised_inputs
     from cifarlab.explain.layers import resolve_layer, unwrap
     from cifarlab.explain.select import select_examples
 
@@ -147,7 +147,7 @@ def compare_checkpoint(
     cor = select_examples(res.logits, res.targets, n_correct, correct=True)
     idx = torch.cat([mis.indices, cor.indices])
     device = next(model.parameters()).device
-    x = _normalised(run.dataset.test.images[idx], run.info["mean"], run.info["std"], device, run.runtime.channels_last)
+    x = normalised_inputs(run.dataset.test.images[idx], run.info["mean"], run.info["std"], device, run.runtime.channels_last)
     return compare_cams(model, x, torch.cat([mis.preds, cor.preds]), layer=layer, methods=methods)
 
 

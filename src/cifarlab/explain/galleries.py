@@ -119,7 +119,7 @@ class Explanation:
         }
 
 
-def _normalised(images: torch.Tensor, mean, std, device: torch.device, channels_last: bool) -> torch.Tensor:
+def normalised_inputs(images: torch.Tensor, mean, std, device: torch.device, channels_last: bool) -> torch.Tensor:
     """uint8 (n,3,H,W) CPU images -> normalised float model inputs, exactly as the test loader makes them."""
     from cifarlab.data import DeviceLoader, Split
 
@@ -194,7 +194,7 @@ def explain_predictions(
         select_top_losses(logits, targets, n_top_losses),
     )
     idx = torch.cat([sel.indices for sel in sels])
-    x = _normalised(test_images[idx], mean, std, device, channels_last)
+    x = normalised_inputs(test_images[idx], mean, std, device, channels_last)
     cam_x, cam_targets = _cam_requests(x, sels)
     if cam_x.shape[0]:
         cams, name = cam_maps(model, cam_x, cam_targets, layer, cam)
