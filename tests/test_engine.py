@@ -81,6 +81,14 @@ def test_flip_tta_is_flip_invariant():
         c = predict_logits(net, x, "flip-translate")
     assert torch.allclose(a, b, atol=1e-5)
     assert c.shape == a.shape
+    # known answer: the 6 views by hand, translations reflect-padded (airbench's TTA)
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    views = [x, padded[..., :8, :8], padded[..., 2:, 2:]]
+    with torch.no_grad():
+        pair = [0.5 * (net(v) + net(v.flip(-1))) for v in views]
+        zeros = predict_logits(net, x, "flip-translate", pad="constant")
+    assert torch.allclose(c, 0.5 * pair[0] + 0.25 * (pair[1] + pair[2]), atol=1e-5)
+    assert not torch.allclose(c, zeros, atol=1e-5)
 
 
 def test_run_epoch_trains_and_evaluates():
@@ -168,6 +176,42 @@ def test_muon_groups_filters_and_keeps_their_norm_fixed():
     again = build_optimizer(_net(), "muon", lr=0.1, momentum=0.85, nesterov=True, weight_decay=1e-3, bias_lr_scale=4, muon_lr=0.2, muon_momentum=0.6)
     again.load_state_dict(state)
     assert torch.equal(again.state_dict()["state"][0]["momentum_buffer"], state["state"][0]["momentum_buffer"])
+
+
+def test_muon_ns_steps_reaches_the_update_and_old_states_still_load():
+    from cifarlab.config import resolve_config
+    from cifarlab.optim import NS_STEPS, orthogonalize
+
+    def first_step(ns_steps: int) -> tuple[torch.Tensor, torch.optim.Optimizer, nn.Module]:
+        torch.manual_seed(0)
+        net = _net()
+        opt = build_optimizer(
+            net, "muon", lr=0.1, momentum=0.85, nesterov=True, weight_decay=0.0, muon_lr=0.2, muon_ns_steps=ns_steps
+        )
+        nn.functional.cross_entropy(net(torch.randn(8, 3, 8, 8)), torch.arange(8) % 3).backward()
+        opt.step()
+        return net[0].weight.detach().clone(), opt, net
+
+    w3, opt3, _ = first_step(3)
+    w5, _, _ = first_step(5)
+    assert {g["ns_steps"] for g in opt3.param_groups} == {3}
+    # 3 and 5 quintic steps give different (both valid) updates; the config default is 5
+    assert not torch.allclose(w3, w5)
+    g = torch.randn(16, 72)
+    assert not torch.allclose(orthogonalize(g, 3), orthogonalize(g, 5))
+    assert resolve_config(preset=None, overrides={}).muon_ns_steps == NS_STEPS == 5
+    with pytest.raises(CifarlabError):
+        resolve_config(preset=None, overrides={"muon_ns_steps": 0})
+    # a state saved before the key existed: its groups lack ns_steps, steps use the default
+    state = opt3.state_dict()
+    for group in state["param_groups"]:
+        del group["ns_steps"]
+    _, again, net = first_step(3)
+    again.load_state_dict(state)
+    before = net[0].weight.detach().clone()
+    nn.functional.cross_entropy(net(torch.randn(2, 3, 8, 8)), torch.tensor([0, 1])).backward()
+    again.step()
+    assert "ns_steps" not in again.param_groups[0] and not torch.equal(net[0].weight, before)
 
 
 def _perturb(net: nn.Module, amount: float) -> None:

@@ -11,7 +11,8 @@ exactly one thing, which its description names. Two chains meet in the middle:
 
 and *bridges* compare a reference arm with a cifarlab arm at matched settings (R5 vs F3
 at batch 1024, R4 vs F4 at batch 2000; both 8 epochs), where what remains is what no
-knob expresses (see BRIDGES).
+knob expresses (see BRIDGES; two more pairs there span steps: what fast's compute saving
+costs, F0 vs F2, and everything but compute, R0 vs F2).
 
 Every arm runs the same seeds (0..N-1), all with ``--holdout 5000`` on the same data;
 each finished run appends one JSON line (arm, seed, holdout accuracy with and without
@@ -78,7 +79,8 @@ ARMS = [
         "airbench94_muon as published: batch 2000, 8 epochs, published normalisation constants, "
         "Newton-Schulz 3 steps, whitening bias trained 3 epochs, reflect-padded TTA translations"),
     Arm("R1", "reference", "R0", "TTA pad: zeros",
-        "TTA translations padded with zeros (cifarlab's engine.predict_logits) instead of reflection",
+        "TTA translations padded with zeros (cifarlab's engine.predict_logits until 2026-12-03, "
+        "reflection since: tta_pad.py measures the same change on cifarlab checkpoints) instead of reflection",
         {"--tta-pad": "constant"}),
     Arm("R2", "reference", "R1", "norm stats: the data's",
         "normalise with the loaded data's own mean/std (cifarlab's) instead of the official "
@@ -112,6 +114,10 @@ ARMS = [
         f"batch 2000, the reference's, with fast's LR rule undone: head lr 0.67*2000*(9/256)^2 = "
         f"{F_LR_2000} (biases 64x), weight decay {F_WD_2000} (per-step decay 2e-6*2000)",
         {"--batch-size": "2000", "--lr": str(F_LR_2000), "--weight-decay": str(F_WD_2000)}, minutes=17.5),
+    Arm("F5", "cifarlab", "F0", "Newton-Schulz: 3 steps",
+        "fast as shipped with 3 quintic Newton-Schulz steps per Muon update (the reference's) "
+        "instead of 5; a config file sets it (muon_ns_steps)",
+        config={"muon_ns_steps": 3}, minutes=11.5),
 ]
 ARMS_BY_NAME = {a.name: a for a in ARMS}
 
@@ -127,6 +133,10 @@ BRIDGES = [
     ("R5", "F3", "implementation only (batch 1024, 8 epochs)"),
     ("R4", "F4", "implementation only (batch 2000, 8 epochs)"),
     ("R0", "F0", "everything: as published vs as shipped (8 vs 7 epochs)"),
+    # Within fast's chain, two steps at once: what the shipped run's compute saving costs.
+    ("F0", "F2", "compute: all epochs at 32 px and 8 epochs (F1 + F2 in one step)"),
+    ("R0", "F2", "everything but compute (8 epochs at 32 px each): batch, LR start, Newton-Schulz "
+                 "steps, whitening bias, TTA pad, implementation"),
 ]
 
 
@@ -437,8 +447,8 @@ def table(rows: list[dict], ctx, metric: str = "acc_tta") -> str:
     for a in ARMS:
         cells = compare_cells(vals[a.name], vals[a.parent] if a.parent else None)
         lines.append("| " + " | ".join([a.name, a.parent or "", a.what, *cells, *_extras(found[a.name], other)]) + " |")
-    lines += ["", f"Bridges (cifarlab arm minus reference arm, {metric}):", "",
-              "| reference | cifarlab | still differs | cifarlab per seed (%) | mean | spread | paired diff, pp | finding |",
+    lines += ["", f"Bridges and spans (second arm minus first, {metric}):", "",
+              "| first | second | still differs | second per seed (%) | mean | spread | paired diff, pp | finding |",
               "|" + "---|" * 8]
     for ref, lab, left in BRIDGES:
         cells = compare_cells(vals[lab], vals[ref])

@@ -25,19 +25,22 @@ from cifarlab.runtime import Runtime
 # -------------------------------------------------------------------------------- TTA
 
 
-def predict_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+def predict_logits(model: nn.Module, x: torch.Tensor, tta: str = "none", pad: str = "reflect") -> torch.Tensor:
     """Logits for batch ``x`` (B,3,H,W), averaged over test-time augmentations.
 
     'flip' averages the image and its mirror; 'flip-translate' adds the mirror-pair of
     1-pixel translations (up-left and down-right), as the CIFAR speed-runs do (weights
-    0.5 for the untranslated pair, 0.25 each for the translated pairs).
+    0.5 for the untranslated pair, 0.25 each for the translated pairs). ``pad`` is the
+    translations' border: "reflect" (airbench's, and what the "translate" augmentation
+    trains on) or "constant" (zeros). Reflection scored 0.13-0.18 points higher on the
+    same fast checkpoints (benchmarks/reference/tta_pad.py, benchmarks/RESULTS.md).
     """
     if tta == "none":
         return model(x)
     logits = 0.5 * (model(x) + model(x.flip(-1)))
     if tta == "flip":
         return logits
-    padded = F.pad(x, (1, 1, 1, 1))  # zero = dataset mean after normalisation
+    padded = F.pad(x, (1, 1, 1, 1), mode=pad)
     h, w = x.shape[-2:]
     up_left = padded[..., :h, :w]
     down_right = padded[..., 2:, 2:]

@@ -69,13 +69,22 @@ class MuonSGD(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, params, lr: float, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 0.0, muon: bool = False
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        muon: bool = False,
+        ns_steps: int = NS_STEPS,
     ):
-        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0:
-            raise ValueError(f"bad MuonSGD settings: lr={lr}, momentum={momentum}, weight_decay={weight_decay}")
+        if lr <= 0 or not 0 <= momentum < 1 or weight_decay < 0 or ns_steps < 1:
+            raise ValueError(
+                f"bad MuonSGD settings: lr={lr}, momentum={momentum}, weight_decay={weight_decay}, ns_steps={ns_steps}"
+            )
         # ``muon`` is only the default for groups that do not say (and lets
         # ``type(opt)(groups, **opt.defaults)`` rebuild an optimizer, as the LR finder does).
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, muon=muon)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, muon=muon, ns_steps=ns_steps)
         super().__init__(params, defaults)
         for group in self.param_groups:
             if group["muon"] and any(p.ndim < 2 for p in group["params"]):
@@ -108,7 +117,9 @@ class MuonSGD(torch.optim.Optimizer):
                 if group["muon"]:
                     # Fixed filter-bank norm: mean squared norm 1 per output filter.
                     p.mul_(math.sqrt(p.shape[0]) / (p.norm() + 1e-12))
-                    update = orthogonalize(update.reshape(p.shape[0], -1), dtype=self._ns_dtype).view_as(p)
+                    # .get: optimizer states saved before ns_steps existed lack the key.
+                    steps = group.get("ns_steps", NS_STEPS)
+                    update = orthogonalize(update.reshape(p.shape[0], -1), steps, dtype=self._ns_dtype).view_as(p)
                 p.add_(update, alpha=-lr)
         return loss
 
@@ -221,6 +232,7 @@ def build_optimizer(
     bias_lr_scale: float = 1.0,
     muon_lr: float = 0.24,
     muon_momentum: float = 0.6,
+    muon_ns_steps: int = NS_STEPS,
     device: torch.device | None = None,
 ) -> torch.optim.Optimizer:
     """SGD (optionally Nesterov), Adam (L2 in the gradient), AdamW (decoupled decay), or
@@ -231,7 +243,7 @@ def build_optimizer(
         for group in groups:
             if group.get("muon"):
                 group["momentum"] = muon_momentum
-        return MuonSGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        return MuonSGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=muon_ns_steps)
     groups = param_groups(model, lr, weight_decay, bias_lr_scale)
     # fused kernels exist for CUDA; on CPU the foreach path is the fast one.
     fast = {"fused": True} if device is not None and device.type == "cuda" else {"foreach": True}
@@ -305,6 +317,7 @@ def make_optimizer(cfg, model: nn.Module, lr: float, device: torch.device) -> to
         bias_lr_scale=cfg.bias_lr_scale,
         muon_lr=cfg.muon_lr,
         muon_momentum=cfg.muon_momentum,
+        muon_ns_steps=cfg.muon_ns_steps,
         device=device,
     )
 
