@@ -32,8 +32,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, tta: str = "none", pad: st
     1-pixel translations (up-left and down-right), as the CIFAR speed-runs do (weights
     0.5 for the untranslated pair, 0.25 each for the translated pairs). ``pad`` is the
     translations' border: "reflect" (airbench's, and what the "translate" augmentation
-    trains on) or "constant" (zeros). Reflection scored 0.13-0.18 points higher on the
-    same fast checkpoints (benchmarks/reference/tta_pad.py, benchmarks/RESULTS.md).
+    trains on) or "constant" (zeros). Reflection scored 0.04-0.18 points higher on three
+    fast checkpoints (benchmarks/reference/tta_pad.py, benchmarks/RESULTS.md).
     """
     if tta == "none":
         return model(x)
