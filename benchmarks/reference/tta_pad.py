@@ -1,6 +1,6 @@
 """Arm R1 of the diagnosis without retraining: the same trained cifarlab models evaluated
-with flip-translate TTA whose 1 px translations are padded with zeros (cifarlab's choice)
-and with reflection (airbench94_muon's). Only the evaluation differs, so every seed is
+with flip-translate TTA whose 1 px translations are padded with zeros (cifarlab's choice
+until 2026-12-03) and with reflection (airbench94_muon's, cifarlab's since). Only the evaluation differs, so every seed is
 perfectly paired and a run costs two TTA passes per checkpoint.
 
     python benchmarks/reference/tta_pad.py runs/diagnose/F0/cifarlab-seed*/checkpoints/last.pt

@@ -33,7 +33,8 @@ def predict_logits(model: nn.Module, x: torch.Tensor, tta: str = "none", pad: st
     0.5 for the untranslated pair, 0.25 each for the translated pairs). ``pad`` is the
     translations' border: "reflect" (airbench's, and what the "translate" augmentation
     trains on) or "constant" (zeros). Reflection scored 0.04-0.18 points higher on three
-    fast checkpoints (benchmarks/reference/tta_pad.py, benchmarks/RESULTS.md).
+    fast checkpoints (benchmarks/reference/tta_pad.py; raw output in
+    benchmarks/results/2026-12-03-cpu-avx512-diagnose/tta_pad.jsonl).
     """
     if tta == "none":
         return model(x)
