@@ -19,8 +19,8 @@ Timing conventions (the same for both sides):
   fit and data loading excluded) up to the end of the first epoch whose evaluated accuracy
   is >= t. Both sides evaluate after every epoch (unless --no-epoch-eval) with the same
   policy, cifarlab's: plain (no TTA) after each epoch but the last, and after the last
-  with the recipe's own TTA (flip + 1 px translations; airbench pads the translations by
-  reflection, cifarlab with zeros). Only the final number carries TTA because cifarlab
+  with the recipe's own TTA (flip + 1 px translations, reflect-padded on both sides since
+  2026-12-03; cifarlab zero-padded before). Only the final number carries TTA because cifarlab
   evaluates with TTA only after its last epoch.
 * Values are means over seeds; a threshold's mean is null unless every seed reached it.
 
