@@ -514,7 +514,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="cifarlab run dirs, reference JSON, config files (default: %(default)s)")
     p.add_argument("--data", default="../shared/datasets/cifar10-jpeg", help="data root (default: %(default)s)")
     p.add_argument("--dataset", default="imagefolder", choices=("imagefolder", "cifar10", "synthetic"))
-    p.add_argument("--holdout", type=int, default=5000, help="held-out training images evaluated on (default 5000)")
+    p.add_argument("--holdout", type=int, default=5000, help="held-out training images evaluated on (default 5000; 0: train on all 50000, evaluate on the test split)")
     p.add_argument("--limit-train", type=int, help="class-balanced subset (smoke tests)")
     p.add_argument("--limit-test", type=int, help="class-balanced subset (smoke tests)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: inherited)")
