@@ -167,7 +167,7 @@ def test_rotation_is_a_rotation_with_per_sample_angles_within_range():
 # ----------------------------------------------------------------------------- general
 
 
-FULL = AugmentSpec(crop_pad=4, flip=True, cutout=16, rotate=5.0)
+FULL = AugmentSpec(crop_pad=4, flip=True, cutout=16, rotate=5.0, brightness=0.1, contrast=0.1)
 
 
 def test_same_seed_same_batch_different_seed_different():
@@ -228,6 +228,10 @@ def test_cuda_matches_semantics_without_host_sync():
         ("rotate:2.5", AugmentSpec(rotate=2.5)),
         ("translate:2,flip:alt", AugmentSpec(crop_pad=2, crop_reflect=True, flip=True, flip_alternate=True)),
         ("translate", AugmentSpec(crop_pad=4, crop_reflect=True)),
+        ("translate:2,flip:alt,brightness:0.14,contrast:0.13",
+         AugmentSpec(crop_pad=2, crop_reflect=True, flip=True, flip_alternate=True, brightness=0.14, contrast=0.13)),
+        ("brightness", AugmentSpec(brightness=0.1)),
+        ("contrast:0", AugmentSpec()),
     ],
 )
 def test_parse_good(text, expected):
@@ -239,7 +243,8 @@ def test_parse_good(text, expected):
 @pytest.mark.parametrize(
     "text",
     ["blur", "crop:x", "crop:-1", "crop:2.5", "cutout:", "flip:1", "crop,crop", "rotate:500", "rotate:nan", "none,flip", "crop;flip",
-     "crop:2,translate:2", "flip:always", "translate:x"],
+     "crop:2,translate:2", "flip:always", "translate:x", "contrast:1.5", "brightness:-0.1", "brightness:inf",
+     "contrast:x"],
 )
 def test_parse_bad_raises_cifarlab_error(text):
     with pytest.raises(CifarlabError):
@@ -251,6 +256,34 @@ def test_constructor_validates():
         AugmentSpec(crop_pad=-1)
     with pytest.raises(CifarlabError):
         AugmentSpec(rotate=-3.0)
+    with pytest.raises(CifarlabError):
+        AugmentSpec(contrast=2.0)
+    with pytest.raises(CifarlabError):
+        AugmentSpec(brightness=True)
+
+
+# ----------------------------------------------------------------------------- colour
+
+
+def test_colour_is_one_shift_and_scale_per_image_within_range():
+    x = positive_batch(512)
+    out = augment_batch(x, AugmentSpec(brightness=0.2, contrast=0.3), gen(4))
+    # Recover each image's affine map from two pixels: out = (x + s) * c.
+    a, b = x.flatten(1), out.flatten(1)
+    scale = (b[:, 1] - b[:, 0]) / (a[:, 1] - a[:, 0])
+    shift = b[:, 0] / scale - a[:, 0]
+    assert torch.allclose(b, (a + shift[:, None]) * scale[:, None], atol=1e-4)
+    assert scale.min() >= 0.7 - 1e-4 and scale.max() <= 1.3 + 1e-4
+    assert shift.abs().max() <= 0.2 + 1e-4
+    # Spread over the range, not one value: per-sample draws.
+    assert scale.max() - scale.min() > 0.4 and shift.max() - shift.min() > 0.25
+
+
+def test_colour_comes_before_cutout_so_the_hole_stays_at_the_mean():
+    x = positive_batch(64)
+    out = augment_batch(x, AugmentSpec(cutout=8, brightness=1.0, contrast=0.5), gen(2))
+    zeros = (out == 0).flatten(1).sum(1)
+    assert (zeros >= 3 * 4 * 4).all(), "every image keeps a zeroed (mean-colour) cutout square"
 
 
 def test_translate_is_a_window_of_the_reflect_padded_input():

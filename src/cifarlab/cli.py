@@ -57,7 +57,7 @@ _TRAIN_FLAGS: list[tuple[str, str, Callable | None, str]] = [
     ("--weight-decay", "weight_decay", float, "weight decay (L2 for sgd/adam, decoupled for adamw)"),
     ("--label-smoothing", "label_smoothing", float, "label smoothing of the training loss"),
     ("--dropout", "dropout", float, "dropout before the classifier"),
-    ("--augment", "augment", str, "e.g. 'crop:4,flip,cutout:16,rotate:5' or 'none'"),
+    ("--augment", "augment", str, "e.g. 'crop:4,flip,cutout:16,rotate:5', 'translate:2,flip:alt,brightness:0.14' or 'none'"),
     ("--progressive-resize", "progressive_resize", str, "train early epochs smaller, e.g. '24:0.5' = first half of the epochs at 24 px, or 'none'"),
     ("--limit-train", "limit_train", int, "use a class-balanced subset of N training images"),
     ("--limit-test", "limit_test", int, "use a class-balanced subset of N test images"),
