@@ -125,7 +125,7 @@ ARMS = [
         "in normalised units, the 2025 record's values; a config file sets it (augment)",
         config={"augment": "translate:2,flip:alt,brightness:0.14,contrast:0.13"}, minutes=11.5),
     Arm("F8", "cifarlab", "F7", "label smoothing 0.09",
-        "label smoothing 0.09 (the 2025 record's, tuned with its colour jitter) instead of "
+        "label smoothing 0.09 (the 2025 record's, used with its colour jitter) instead of "
         "airbench94_muon's 0.2; a config file sets it",
         config={"label_smoothing": 0.09}, minutes=11.5),
 ]
